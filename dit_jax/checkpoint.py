@@ -1,0 +1,119 @@
+"""Checkpoint directories: ``dit_jax.json`` (model kind, config, provenance) + ``params/`` (orbax).
+
+Directories are written to a temporary sibling and renamed into place, so an interrupted or failed write never
+leaves a half-written checkpoint and never destroys an existing one.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import pathlib
+import shutil
+import tempfile
+from typing import Any, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from dit_jax.models.dit import DiT, DiTConfig
+
+FORMAT_VERSION = 1
+META = "dit_jax.json"
+KINDS = {"dit": (DiT, DiTConfig)}
+
+
+class CheckpointError(ValueError):
+  """A user-facing problem with a checkpoint directory; the message is one line."""
+
+
+@contextlib.contextmanager
+def atomic_directory(out_dir: str | os.PathLike, overwrite: bool = False) -> Iterator[pathlib.Path]:
+  """Yield a temporary directory that replaces ``out_dir`` only if the block succeeds."""
+  out = pathlib.Path(out_dir).absolute()
+  if out.exists() and not (out.is_dir() and not any(out.iterdir())) and not overwrite:
+    raise CheckpointError(f"{out} already exists and is not empty (use --overwrite to replace it)")
+  out.parent.mkdir(parents=True, exist_ok=True)
+  tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+  try:
+    yield tmp
+    if out.exists():
+      old = out.with_name(f".{out.name}.old-{os.getpid()}")
+      out.rename(old)
+      tmp.rename(out)
+      shutil.rmtree(old) if old.is_dir() else old.unlink()
+    else:
+      tmp.rename(out)
+  finally:
+    if tmp.exists():
+      shutil.rmtree(tmp)
+
+
+def _checkpointer():
+  import orbax.checkpoint as ocp
+  return ocp.StandardCheckpointer()
+
+
+def save(model: nnx.Module, out_dir: str | os.PathLike, *, kind: str = "dit", overwrite: bool = False,
+         extra: dict[str, Any] | None = None) -> pathlib.Path:
+  """Write ``model`` (config + all parameters, including frozen tables) as a checkpoint directory."""
+  meta = {"format_version": FORMAT_VERSION, "kind": kind, "config": model.config.to_dict(), **(extra or {})}
+  with atomic_directory(out_dir, overwrite) as tmp:
+    (tmp / META).write_text(json.dumps(meta, indent=2) + "\n")
+    ckptr = _checkpointer()
+    ckptr.save(tmp / "params", nnx.state(model))
+    ckptr.wait_until_finished()
+  return pathlib.Path(out_dir)
+
+
+def read_meta(path: str | os.PathLike) -> dict[str, Any]:
+  path = pathlib.Path(path)
+  meta_path = path / META
+  if not path.is_dir():
+    raise CheckpointError(f"{path} is not a checkpoint directory")
+  if not meta_path.exists():
+    raise CheckpointError(f"{path} is not a dit_jax checkpoint (no {META}); convert it with tools/convert_torch.py")
+  try:
+    meta = json.loads(meta_path.read_text())
+  except json.JSONDecodeError as e:
+    raise CheckpointError(f"{meta_path} is corrupt ({e})") from None
+  if meta.get("kind") not in KINDS:
+    raise CheckpointError(f"{meta_path}: unknown model kind {meta.get('kind')!r}")
+  if meta.get("format_version", 0) > FORMAT_VERSION:
+    raise CheckpointError(f"{meta_path}: format version {meta['format_version']} is newer than this dit_jax")
+  return meta
+
+
+def load(path: str | os.PathLike, dtype=jnp.float32, *, param_dtype=jnp.float32,
+         attention_impl: str = "auto") -> nnx.Module:
+  """Load a checkpoint directory as a ready NNX module (``model.config`` holds its hyper-parameters).
+
+  Args:
+    path: directory written by ``tools/convert_torch.py`` or :func:`save`.
+    dtype: compute dtype (e.g. ``jnp.bfloat16``); parameters are stored as ``param_dtype``.
+    attention_impl: 'auto' | 'xla' | 'cudnn' | 'splash'.
+  """
+  path = pathlib.Path(path).absolute()
+  meta = read_meta(path)
+  module_cls, config_cls = KINDS[meta["kind"]]
+  try:
+    config = config_cls.from_dict(meta["config"])
+  except (TypeError, ValueError) as e:
+    raise CheckpointError(f"{path / META}: {e}") from None
+  abstract = nnx.eval_shape(lambda: module_cls(config, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype,
+                                               attention_impl=attention_impl))
+  graphdef, abstract_state = nnx.split(abstract)
+  try:
+    state = _checkpointer().restore(path / "params", abstract_state)
+  except Exception as e:  # noqa: BLE001 - orbax raises many types; report one line
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    raise CheckpointError(f"{path / 'params'} cannot be restored ({first})") from None
+  return nnx.merge(graphdef, state)
+
+
+def flat_params(model: nnx.Module) -> dict[tuple, np.ndarray]:
+  """{state path: numpy array} of every variable in the model."""
+  return {tuple(path): np.asarray(jax.device_get(var[...]))
+          for path, var in nnx.to_flat_state(nnx.state(model))}

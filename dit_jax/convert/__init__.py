@@ -1,0 +1,214 @@
+"""Import PyTorch DiT checkpoints (original facebookresearch/DiT or diffusers) and export them back.
+
+    convert(src, out_dir)                  # any supported source -> dit_jax checkpoint directory
+    export(ckpt_dir, out_file, layout=...) # dit_jax checkpoint -> safetensors in 'original' or 'diffusers' keys
+"""
+from __future__ import annotations
+
+import logging
+import os
+import pathlib
+import re
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from dit_jax import checkpoint
+from dit_jax.convert import tables
+from dit_jax.convert.readers import ConversionError, Source, from_numpy, read_source
+from dit_jax.models.dit import CONVENTIONS, SIZES, DiT, DiTConfig
+
+logger = logging.getLogger("dit_jax")
+
+__all__ = ["ConversionError", "convert", "convert_state_dict", "detect_layout", "export", "infer_config"]
+
+_HEADS_BY_WIDTH = {h: n for _, h, n in SIZES.values()}
+_MAX_LISTED = 4
+
+
+def _listing(keys) -> str:
+  keys = sorted(keys)
+  more = f" (+{len(keys) - _MAX_LISTED} more)" if len(keys) > _MAX_LISTED else ""
+  return ", ".join(keys[:_MAX_LISTED]) + more
+
+
+def detect_layout(tensors: dict[str, np.ndarray]) -> str:
+  """'original' or 'diffusers', from the key names."""
+  if "x_embedder.proj.weight" in tensors:
+    return "original"
+  if "pos_embed.proj.weight" in tensors and any(k.startswith("transformer_blocks.") for k in tensors):
+    return "diffusers"
+  raise ConversionError(f"not a DiT state dict: found neither x_embedder.proj.weight (original) nor "
+                        f"pos_embed.proj.weight + transformer_blocks.* (diffusers); keys start with "
+                        f"{_listing(list(tensors)[:_MAX_LISTED])}")
+
+
+def _need(tensors, key):
+  if key not in tensors:
+    raise ConversionError(f"missing key {key} (cannot infer the model config)")
+  return tensors[key]
+
+
+def _depth(tensors, prefix: str) -> int:
+  indices = {int(m.group(1)) for k in tensors if (m := re.match(rf"{re.escape(prefix)}\.(\d+)\.", k))}
+  if not indices:
+    raise ConversionError(f"no {prefix}.N.* keys: the checkpoint has no transformer blocks")
+  missing = sorted(set(range(max(indices) + 1)) - indices)
+  if missing:
+    raise ConversionError(f"missing keys for {prefix}.{missing[0]} (blocks are not numbered 0..{max(indices)})")
+  return max(indices) + 1
+
+
+def infer_config(tensors: dict[str, np.ndarray], layout: str, diffusers_config: dict[str, Any] | None = None,
+                 **overrides) -> DiTConfig:
+  """Hyper-parameters from tensor shapes (plus diffusers' config.json where shapes are silent).
+
+  ``num_heads`` is not visible in any shape: it comes from config.json, an override, the paper's sizes
+  (384->6, 768->12, 1024->16, 1152->16), or hidden/64. ``input_size`` comes from the stored pos_embed
+  (original), config.json's ``sample_size`` (diffusers) or an override, else 32 (256 px).
+  """
+  dcfg = diffusers_config or {}
+  if layout == "original":
+    patch = _need(tensors, "x_embedder.proj.weight")
+    table = _need(tensors, "y_embedder.embedding_table.weight")
+    final = _need(tensors, "final_layer.linear.weight")
+    fc1 = _need(tensors, "blocks.0.mlp.fc1.weight")
+    depth = _depth(tensors, "blocks")
+    pos = _need(tensors, "pos_embed")
+    grid = int(round(pos.shape[1] ** 0.5))
+    if pos.ndim != 3 or grid * grid != pos.shape[1]:
+      raise ConversionError(f"pos_embed has shape {pos.shape}, expected (1, T, D) with square T")
+    inferred = dict(input_size=grid * patch.shape[2])
+  else:
+    patch = _need(tensors, "pos_embed.proj.weight")
+    table = _need(tensors, "transformer_blocks.0.norm1.emb.class_embedder.embedding_table.weight")
+    final = _need(tensors, "proj_out_2.weight")
+    fc1 = _need(tensors, "transformer_blocks.0.ff.net.0.proj.weight")
+    depth = _depth(tensors, "transformer_blocks")
+    inferred = {}
+    if "sample_size" in dcfg:
+      inferred["input_size"] = int(dcfg["sample_size"])
+    if "num_attention_heads" in dcfg:
+      inferred["num_heads"] = int(dcfg["num_attention_heads"])
+    inferred["mlp_norm_eps"] = float(dcfg.get("norm_eps", CONVENTIONS["diffusers"]["mlp_norm_eps"]))
+  hidden, in_channels, p = patch.shape[0], patch.shape[1], patch.shape[2]
+  out_channels, rem = divmod(final.shape[0], p * p)
+  if rem or out_channels not in (in_channels, 2 * in_channels):
+    raise ConversionError(f"final linear has {final.shape[0]} outputs: not p*p*C or p*p*2C for p={p}, C={in_channels}")
+  heads = _HEADS_BY_WIDTH.get(hidden, hidden // 64 if hidden % 64 == 0 else None)
+  values = dict(CONVENTIONS[layout], patch_size=p, in_channels=in_channels, hidden_size=hidden, depth=depth,
+                num_heads=heads, mlp_ratio=fc1.shape[0] / hidden, num_classes=table.shape[0] - 1,
+                class_dropout_prob=0.1, learn_sigma=out_channels == 2 * in_channels, input_size=32)
+  values.update(inferred)
+  values.update({k: v for k, v in overrides.items() if v is not None})
+  if values["num_heads"] is None:
+    raise ConversionError(f"cannot infer the number of heads for hidden size {hidden}; pass --num-heads")
+  if layout == "diffusers" and "input_size" not in inferred and overrides.get("input_size") is None:
+    logger.warning("no sample_size in the source; assuming input_size=32 (256 px). Pass --input-size to change.")
+  try:
+    return DiTConfig(**values)
+  except ValueError as e:
+    raise ConversionError(str(e)) from None
+
+
+def convert_state_dict(tensors: dict[str, np.ndarray], cfg: DiTConfig, layout: str) -> DiT:
+  """Apply the layout's key table strictly: every source key used, every parameter filled, shapes checked."""
+  rules = tables.TABLES[layout](cfg)
+  graphdef, state = nnx.split(nnx.eval_shape(lambda: DiT(cfg, rngs=nnx.Rngs(0))))
+  targets = {tuple(p): v for p, v in nnx.to_flat_state(state)}
+  values = {path: fn(cfg) for path, fn in tables.COMPUTED[layout].items()}
+  problems, used = [], set()
+  missing = sorted({k for r in rules for k in r.sources} - set(tensors))
+  if missing:
+    problems.append(f"missing keys: {_listing(missing)}")
+  for rule in rules:
+    if any(k not in tensors for k in rule.sources):
+      continue
+    used.update(rule.sources)
+    try:
+      merged = tables.merge_sources(rule, [tensors[k] for k in rule.sources])
+    except ValueError as e:
+      problems.append(str(e))
+      continue
+    value = tables.OPS[rule.op][0](merged)
+    want = targets[rule.target].shape
+    if value.shape != want:
+      shapes = ", ".join(f"{k} {tuple(tensors[k].shape)}" for k in rule.sources[:1])
+      problems.append(f"wrong shape: {shapes} gives {tuple(value.shape)} for {'/'.join(map(str, rule.target))}, "
+                      f"expected {tuple(want)}")
+      continue
+    values[rule.target] = value
+  extra = sorted(set(tensors) - used - {k for r in rules for k in r.sources})
+  if extra:
+    problems.append(f"unexpected keys: {_listing(extra)}")
+  unfilled = set(targets) - {r.target for r in rules} - set(tables.COMPUTED[layout])
+  if unfilled:  # a table bug, not a user error
+    raise AssertionError(f"key table for {layout} leaves parameters unfilled: {sorted(unfilled)}")
+  if problems:
+    raise ConversionError(f"{layout} DiT state dict does not match the inferred config: " + "; ".join(problems))
+  flat = nnx.to_flat_state(state)
+  for path, var in flat:
+    var.value = jnp.asarray(values[tuple(path)], dtype=var.value.dtype)
+  return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+def convert(src: str | os.PathLike, out_dir: str | os.PathLike, *, layout: str = "auto", weights: str | None = None,
+            num_heads: int | None = None, input_size: int | None = None, overwrite: bool = False) -> DiTConfig:
+  """Convert a PyTorch DiT checkpoint into a dit_jax checkpoint directory; returns the config.
+
+  Args:
+    src: original ``.pt``/``.safetensors`` state dict or training checkpoint, or a diffusers folder / file.
+    out_dir: checkpoint directory to write (must not exist or be empty unless ``overwrite``).
+    layout: 'auto' | 'original' | 'diffusers'.
+    weights: training checkpoints only: 'ema' (default) or 'model'.
+  """
+  source: Source = read_source(src, weights)
+  found = detect_layout(source.tensors)
+  if layout not in ("auto", found):
+    raise ConversionError(f"{src} is in the {found} layout, not {layout}")
+  cfg = infer_config(source.tensors, found, source.diffusers_config, num_heads=num_heads, input_size=input_size)
+  model = convert_state_dict(source.tensors, cfg, found)
+  dtypes = sorted({str(a.dtype) for a in source.tensors.values()})
+  checkpoint.save(model, out_dir, overwrite=overwrite,
+                  extra={"source": {"path": str(src), "layout": found, "description": source.description,
+                                    "dtype": dtypes[0] if len(dtypes) == 1 else "float32"}})
+  return cfg
+
+
+def export(ckpt_dir: str | os.PathLike, out_file: str | os.PathLike, *, layout: str = "original",
+           dtype: str | None = None, overwrite: bool = False) -> pathlib.Path:
+  """Write a checkpoint's parameters as a safetensors state dict in the ``layout``'s torch key names.
+
+  ``dtype`` defaults to the dtype the checkpoint was converted from (float32 for trained checkpoints), so an
+  import followed by an export is bit-exact.
+  """
+  from safetensors.torch import save_file
+
+  if layout not in tables.TABLES:
+    raise ConversionError(f"unknown layout {layout!r}; choose one of {', '.join(tables.TABLES)}")
+  out = pathlib.Path(out_file)
+  if out.exists() and not overwrite:
+    raise ConversionError(f"{out} already exists (use --overwrite to replace it)")
+  meta = checkpoint.read_meta(ckpt_dir)
+  model = checkpoint.load(ckpt_dir)
+  dtype = dtype or meta.get("source", {}).get("dtype", "float32")
+  try:
+    np_dtype = jnp.dtype(dtype)
+  except TypeError:
+    raise ConversionError(f"unknown dtype {dtype!r}") from None
+  params = checkpoint.flat_params(model)
+  tensors = {}
+  for rule in tables.TABLES[layout](model.config):
+    value = tables.OPS[rule.op][1](params[rule.target], model.config)
+    for key, part in zip(rule.sources, tables.split_target(rule, value)):
+      tensors[key] = from_numpy(np.ascontiguousarray(part.astype(np_dtype)))
+  tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+  try:
+    save_file(tensors, str(tmp), metadata={"format": "pt", "dit_jax_layout": layout})
+    os.replace(tmp, out)
+  finally:
+    tmp.unlink(missing_ok=True)
+  return out

@@ -1,0 +1,211 @@
+"""DiT: Scalable Diffusion Models with Transformers (Peebles & Xie, 2023), in Flax NNX, channels-last.
+
+Module names follow facebookresearch/DiT ``models.py`` so the checkpoint key table reads one-to-one.
+The two numeric conventions on which diffusers' ``DiTTransformer2DModel`` departs from the original are
+config fields (``freq_shift``, ``mlp_norm_eps``); :data:`CONVENTIONS` holds both sets.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from dit_jax.models import layers
+from dit_jax.models.attention import IMPLEMENTATIONS
+from dit_jax.models.layers import FrozenParam, layer_norm, modulate
+
+# Numeric conventions of the two checkpoint formats.
+#   freq_shift:   timestep frequencies exp(-ln(1e4) i / (128 - shift)); diffusers' Timesteps uses shift 1.
+#   attn_norm_eps: eps of the LayerNorm before attention (and of the final layer's): 1e-6 in both.
+#   mlp_norm_eps: eps of the LayerNorm before the MLP: diffusers uses its `norm_eps` (1e-5 by default).
+CONVENTIONS = {
+    "original": dict(freq_shift=0.0, attn_norm_eps=1e-6, mlp_norm_eps=1e-6),
+    "diffusers": dict(freq_shift=1.0, attn_norm_eps=1e-6, mlp_norm_eps=1e-5),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class DiTConfig:
+  """Hyper-parameters and numeric conventions of a DiT. ``input_size`` is the latent side (32 for 256 px)."""
+
+  input_size: int = 32
+  patch_size: int = 2
+  in_channels: int = 4
+  hidden_size: int = 1152
+  depth: int = 28
+  num_heads: int = 16
+  mlp_ratio: float = 4.0
+  class_dropout_prob: float = 0.1
+  num_classes: int = 1000
+  learn_sigma: bool = True
+  freq_shift: float = 0.0
+  attn_norm_eps: float = 1e-6
+  mlp_norm_eps: float = 1e-6
+
+  def __post_init__(self):
+    checks = [
+        (self.input_size > 0 and self.patch_size > 0, "input_size and patch_size must be positive"),
+        (self.input_size % self.patch_size == 0,
+         f"input_size {self.input_size} is not divisible by patch_size {self.patch_size}"),
+        (self.depth > 0 and self.in_channels > 0 and self.num_classes > 0,
+         "depth, in_channels and num_classes must be positive"),
+        (self.num_heads > 0 and self.hidden_size % self.num_heads == 0,
+         f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}"),
+        (self.hidden_size % 4 == 0, f"hidden_size {self.hidden_size} must be divisible by 4 (2-D sin-cos table)"),
+        (0.0 <= self.class_dropout_prob < 1.0, f"class_dropout_prob {self.class_dropout_prob} is not in [0, 1)"),
+        (self.mlp_ratio > 0, f"mlp_ratio {self.mlp_ratio} must be positive"),
+    ]
+    for ok, message in checks:
+      if not ok:
+        raise ValueError(f"invalid DiT config: {message}")
+
+  @property
+  def out_channels(self) -> int:
+    return 2 * self.in_channels if self.learn_sigma else self.in_channels
+
+  @property
+  def grid_size(self) -> int:
+    return self.input_size // self.patch_size
+
+  @property
+  def num_tokens(self) -> int:
+    return self.grid_size**2
+
+  @property
+  def null_class(self) -> int:
+    return self.num_classes
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_dict(cls, d: dict[str, Any]) -> DiTConfig:
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+      raise ValueError(f"unknown DiT config keys: {', '.join(unknown)}")
+    return cls(**d)
+
+
+# (depth, hidden_size, num_heads) of the paper's four model sizes.
+SIZES = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}
+CONFIGS = {f"DiT-{s}/{p}": dict(depth=d, hidden_size=h, num_heads=n, patch_size=p)
+           for s, (d, h, n) in SIZES.items() for p in (2, 4, 8)}
+
+
+def dit_config(name: str, convention: str = "original", **overrides) -> DiTConfig:
+  """A named config ('DiT-XL/2', also 'DiT-XL-2') with a numeric convention ('original' | 'diffusers')."""
+  key = name if name in CONFIGS else "/".join(name.rsplit("-", 1))
+  if key not in CONFIGS:
+    raise ValueError(f"unknown DiT model {name!r}; choose one of {', '.join(CONFIGS)}")
+  if convention not in CONVENTIONS:
+    raise ValueError(f"unknown convention {convention!r}; choose one of {', '.join(CONVENTIONS)}")
+  return DiTConfig(**{**CONFIGS[key], **CONVENTIONS[convention], **overrides})
+
+
+class DiTBlock(nnx.Module):
+  """Transformer block with adaLN-Zero conditioning: (B, T, D), c (B, D) -> (B, T, D)."""
+
+  def __init__(self, cfg: DiTConfig, rngs: nnx.Rngs, *, dtype, param_dtype, attention_impl: str):
+    d = cfg.hidden_size
+    kw = dict(dtype=dtype, param_dtype=param_dtype)
+    self.attn_norm_eps = cfg.attn_norm_eps
+    self.mlp_norm_eps = cfg.mlp_norm_eps
+    self.attn = layers.Attention(d, cfg.num_heads, rngs, implementation=attention_impl, **kw)
+    self.mlp = layers.Mlp(d, int(d * cfg.mlp_ratio), rngs, **kw)
+    self.adaLN_modulation = layers.linear(d, 6 * d, rngs, kernel_init=layers.zeros, **kw)
+
+  def __call__(self, x: jax.Array, c: jax.Array) -> jax.Array:
+    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(
+        self.adaLN_modulation(nnx.silu(c)), 6, axis=-1)
+    x = x + gate_msa[:, None] * self.attn(modulate(layer_norm(x, self.attn_norm_eps), shift_msa, scale_msa))
+    x = x + gate_mlp[:, None] * self.mlp(modulate(layer_norm(x, self.mlp_norm_eps), shift_mlp, scale_mlp))
+    return x
+
+
+class FinalLayer(nnx.Module):
+  """adaLN (shift, scale) + linear to patch pixels: (B, T, D), c (B, D) -> (B, T, p*p*out_channels)."""
+
+  def __init__(self, cfg: DiTConfig, rngs: nnx.Rngs, *, dtype, param_dtype):
+    d = cfg.hidden_size
+    kw = dict(dtype=dtype, param_dtype=param_dtype, kernel_init=layers.zeros)
+    self.eps = cfg.attn_norm_eps
+    self.adaLN_modulation = layers.linear(d, 2 * d, rngs, **kw)
+    self.linear = layers.linear(d, cfg.patch_size**2 * cfg.out_channels, rngs, **kw)
+
+  def __call__(self, x: jax.Array, c: jax.Array) -> jax.Array:
+    shift, scale = jnp.split(self.adaLN_modulation(nnx.silu(c)), 2, axis=-1)
+    return self.linear(modulate(layer_norm(x, self.eps), shift, scale))
+
+
+def unpatchify(x: jax.Array, patch_size: int, channels: int, grid_h: int, grid_w: int) -> jax.Array:
+  """(B, h*w, p*p*C) tokens -> (B, h*p, w*p, C) image; token features ordered (row in patch, col in patch, C)."""
+  b = x.shape[0]
+  p = patch_size
+  x = x.reshape(b, grid_h, grid_w, p, p, channels).transpose(0, 1, 3, 2, 4, 5)
+  return x.reshape(b, grid_h * p, grid_w * p, channels)
+
+
+class DiT(nnx.Module):
+  """Class-conditional Diffusion Transformer.
+
+  Call: ``model(x, t, y)`` with x (B, H, W, C) latents, t (B,) timesteps 0..999, y (B,) class ids where
+  ``config.num_classes`` is the null (unconditional) class. Returns (B, H, W, out_channels); with
+  ``learn_sigma`` the channels are [eps (C), variance interpolation (C)].
+  """
+
+  def __init__(self, config: DiTConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32,
+               attention_impl: str = "auto"):
+    if attention_impl not in IMPLEMENTATIONS:
+      raise ValueError(f"attention_impl {attention_impl!r} is not one of {IMPLEMENTATIONS}")
+    cfg = self.config = config
+    kw = dict(dtype=dtype, param_dtype=param_dtype)
+    self.dtype = dtype
+    self.x_embedder = layers.PatchEmbed(cfg.patch_size, cfg.in_channels, cfg.hidden_size, rngs, **kw)
+    self.t_embedder = layers.TimestepEmbedder(cfg.hidden_size, rngs, freq_shift=cfg.freq_shift, **kw)
+    self.y_embedder = layers.LabelEmbedder(cfg.num_classes, cfg.hidden_size, cfg.class_dropout_prob, rngs,
+                                           param_dtype=param_dtype)
+    table = layers.sincos_2d(cfg.hidden_size, cfg.grid_size, cfg.grid_size)
+    self.pos_embed = FrozenParam(jnp.asarray(table, dtype=param_dtype))
+    self.blocks = nnx.List([DiTBlock(cfg, rngs, attention_impl=attention_impl, **kw) for _ in range(cfg.depth)])
+    self.final_layer = FinalLayer(cfg, rngs, **kw)
+
+  def condition(self, t: jax.Array, y: jax.Array, dropout_key: jax.Array | None = None,
+                force_drop_ids: jax.Array | None = None) -> jax.Array:
+    """c = t_embedder(t) + y_embedder(y): (B, D)."""
+    return self.t_embedder(t) + self.y_embedder(y, dropout_key, force_drop_ids).astype(self.dtype)
+
+  def __call__(self, x: jax.Array, t: jax.Array, y: jax.Array, *, dropout_key: jax.Array | None = None,
+               force_drop_ids: jax.Array | None = None) -> jax.Array:
+    """Predict eps (and the learned variance) for noisy latents.
+
+    Args:
+      x: (B, H, W, C) with H = W = config.input_size.
+      t: (B,) float or int timesteps.
+      y: (B,) int class ids; ``config.num_classes`` = null class.
+      dropout_key: PRNG key enabling training-time label dropout (``class_dropout_prob``).
+      force_drop_ids: (B,) ints; where 1 the label is replaced by the null class.
+    Returns:
+      (B, H, W, out_channels) in the compute dtype.
+    """
+    cfg = self.config
+    b, h, w, c = x.shape
+    if (h, w, c) != (cfg.input_size, cfg.input_size, cfg.in_channels):
+      raise ValueError(f"DiT expects input (B, {cfg.input_size}, {cfg.input_size}, {cfg.in_channels}) NHWC, "
+                       f"got {tuple(x.shape)}")
+    tokens = self.x_embedder(x.astype(self.dtype)) + self.pos_embed[...].astype(self.dtype)
+    cond = self.condition(t, y, dropout_key, force_drop_ids)
+    for block in self.blocks:
+      tokens = block(tokens, cond)
+    tokens = self.final_layer(tokens, cond)
+    return unpatchify(tokens, cfg.patch_size, cfg.out_channels, cfg.grid_size, cfg.grid_size)
+
+
+def count_params(model: nnx.Module, include_frozen: bool = True) -> int:
+  """Number of scalars in trainable parameters (plus frozen tables such as pos_embed)."""
+  kinds = (nnx.Param, FrozenParam) if include_frozen else nnx.Param
+  state = nnx.state(model, kinds)
+  return sum(int(v.size) for v in jax.tree.leaves(state))

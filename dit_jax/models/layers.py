@@ -1,0 +1,191 @@
+"""Building blocks shared by DiT and MMDiT: embeddings, modulation, attention block, MLP.
+
+Shapes: B batch, T tokens, D hidden size. All activations are channels-last.
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from dit_jax.models.attention import dot_product_attention
+
+xavier_uniform = nnx.initializers.xavier_uniform()
+normal_002 = nnx.initializers.normal(stddev=0.02)
+zeros = nnx.initializers.zeros_init()
+
+
+class FrozenParam(nnx.Variable):
+  """A stored tensor that is part of the checkpoint but never trained (e.g. DiT's sin-cos pos_embed)."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Sinusoidal tables
+
+
+def timestep_embedding(t: jax.Array, dim: int = 256, max_period: float = 10000.0, freq_shift: float = 0.0):
+  """Sinusoidal timestep features, ordered [cos, sin] as DiT.
+
+  freqs_i = exp(-ln(max_period) * i / (dim/2 - freq_shift)); the original DiT uses freq_shift 0, diffusers 1.
+  The exponent is formed in float32 in the references' operation order and exponentiated in float64 then rounded
+  once, which agrees with torch.exp to the last bit on all but a few frequencies.
+
+  Args:
+    t: (B,) float timesteps in the model's own units (0..999 for DiT).
+  Returns:
+    (B, dim) float32.
+  """
+  half = dim // 2
+  exponent = np.float32(-math.log(max_period)) * np.arange(half, dtype=np.float32)
+  freqs = np.exp((exponent / np.float32(half - freq_shift)).astype(np.float64)).astype(np.float32)
+  args = t.astype(jnp.float32)[:, None] * freqs[None]
+  emb = jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+  if dim % 2:
+    emb = jnp.pad(emb, ((0, 0), (0, 1)))
+  return emb
+
+
+def sincos_1d(dim: int, pos: np.ndarray) -> np.ndarray:
+  """(M,) positions -> (M, dim) table ordered [sin, cos], float64 (MAE / DiT convention)."""
+  omega = 1.0 / 10000 ** (np.arange(dim // 2, dtype=np.float64) / (dim / 2.0))
+  out = np.outer(pos.reshape(-1).astype(np.float64), omega)
+  return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+
+def sincos_2d(dim: int, grid_h: int, grid_w: int) -> np.ndarray:
+  """Fixed 2-D sin-cos positional table, (grid_h * grid_w, dim) float32, row-major tokens.
+
+  The first half of the channels encodes the column (w) index, the second half the row (h) index,
+  computed in float64 and rounded once, exactly as facebookresearch/DiT and diffusers do.
+  """
+  if dim % 4:
+    raise ValueError(f"hidden size {dim} must be divisible by 4 for the 2-D sin-cos table")
+  cols, rows = np.meshgrid(np.arange(grid_w, dtype=np.float64), np.arange(grid_h, dtype=np.float64))
+  table = np.concatenate([sincos_1d(dim // 2, cols), sincos_1d(dim // 2, rows)], axis=1)
+  return table.astype(np.float32)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Normalisation and modulation
+
+
+def layer_norm(x: jax.Array, eps: float) -> jax.Array:
+  """LayerNorm without affine parameters over the last axis; statistics in float32, result in x's dtype."""
+  x32 = x.astype(jnp.float32)
+  mean = x32.mean(-1, keepdims=True)
+  centred = x32 - mean
+  var = jnp.mean(jnp.square(centred), -1, keepdims=True)
+  return (centred * jax.lax.rsqrt(var + eps)).astype(x.dtype)
+
+
+def modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
+  """adaLN modulation: x (B, T, D) * (1 + scale (B, D)) + shift (B, D)."""
+  return x * (1 + scale[:, None]) + shift[:, None]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Modules
+
+
+def linear(d_in: int, d_out: int, rngs: nnx.Rngs, *, dtype, param_dtype, kernel_init=xavier_uniform,
+           bias_init=zeros, use_bias: bool = True) -> nnx.Linear:
+  """nnx.Linear with DiT's default init (xavier-uniform weight, zero bias)."""
+  return nnx.Linear(d_in, d_out, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, kernel_init=kernel_init,
+                    bias_init=bias_init, rngs=rngs)
+
+
+class PatchEmbed(nnx.Module):
+  """Non-overlapping p x p patches -> tokens: (B, H, W, C) -> (B, H/p * W/p, D), row-major.
+
+  A stride-p convolution written as patchify + linear; the kernel rows are ordered (row in patch, col in patch, C),
+  so xavier fans are (p*p*C, D) as in DiT's initialisation.
+  """
+
+  def __init__(self, patch_size: int, in_channels: int, hidden_size: int, rngs: nnx.Rngs, *, dtype, param_dtype):
+    self.patch_size = patch_size
+    self.proj = linear(patch_size * patch_size * in_channels, hidden_size, rngs, dtype=dtype, param_dtype=param_dtype)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    b, h, w, c = x.shape
+    p = self.patch_size
+    x = x.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
+    return self.proj(x.reshape(b, (h // p) * (w // p), p * p * c))
+
+
+class TimestepEmbedder(nnx.Module):
+  """t (B,) -> sinusoidal features (B, 256) -> MLP [Linear, SiLU, Linear] -> (B, D)."""
+
+  def __init__(self, hidden_size: int, rngs: nnx.Rngs, *, freq_dim: int = 256, freq_shift: float = 0.0,
+               dtype, param_dtype):
+    self.freq_dim = freq_dim
+    self.freq_shift = freq_shift
+    kw = dict(dtype=dtype, param_dtype=param_dtype, kernel_init=normal_002)
+    self.fc1 = linear(freq_dim, hidden_size, rngs, **kw)
+    self.fc2 = linear(hidden_size, hidden_size, rngs, **kw)
+
+  def __call__(self, t: jax.Array) -> jax.Array:
+    features = timestep_embedding(t, self.freq_dim, freq_shift=self.freq_shift)
+    return self.fc2(nnx.silu(self.fc1(features)))
+
+
+class LabelEmbedder(nnx.Module):
+  """Class ids (B,) -> (B, D). Row ``num_classes`` is the null class used for classifier-free guidance.
+
+  Label dropout (training only) replaces ids by the null class with probability ``dropout_prob``.
+  """
+
+  def __init__(self, num_classes: int, hidden_size: int, dropout_prob: float, rngs: nnx.Rngs, *, param_dtype):
+    self.num_classes = num_classes
+    self.dropout_prob = dropout_prob
+    rows = num_classes + int(dropout_prob > 0)
+    self.embedding_table = nnx.Embed(rows, hidden_size, param_dtype=param_dtype, embedding_init=normal_002,
+                                     rngs=rngs)
+
+  def token_drop(self, labels: jax.Array, key: jax.Array | None, force_drop_ids: jax.Array | None) -> jax.Array:
+    if force_drop_ids is not None:
+      drop = force_drop_ids == 1
+    else:
+      drop = jax.random.uniform(key, labels.shape) < self.dropout_prob
+    return jnp.where(drop, self.num_classes, labels)
+
+  def __call__(self, labels: jax.Array, dropout_key: jax.Array | None = None,
+               force_drop_ids: jax.Array | None = None) -> jax.Array:
+    if (dropout_key is not None and self.dropout_prob > 0) or force_drop_ids is not None:
+      labels = self.token_drop(labels, dropout_key, force_drop_ids)
+    return self.embedding_table(labels)
+
+
+class Attention(nnx.Module):
+  """Self-attention with a fused qkv projection: (B, T, D) -> (B, T, D).
+
+  qkv output rows are [q | k | v], each split head-major into contiguous head_dim blocks (timm / DiT layout).
+  """
+
+  def __init__(self, hidden_size: int, num_heads: int, rngs: nnx.Rngs, *, dtype, param_dtype,
+               implementation: str = "auto"):
+    if hidden_size % num_heads:
+      raise ValueError(f"hidden size {hidden_size} is not divisible by num_heads {num_heads}")
+    self.num_heads = num_heads
+    self.implementation = implementation
+    self.qkv = linear(hidden_size, 3 * hidden_size, rngs, dtype=dtype, param_dtype=param_dtype)
+    self.proj = linear(hidden_size, hidden_size, rngs, dtype=dtype, param_dtype=param_dtype)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    b, t, d = x.shape
+    qkv = self.qkv(x).reshape(b, t, 3, self.num_heads, d // self.num_heads)
+    out = dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], implementation=self.implementation)
+    return self.proj(out.reshape(b, t, d))
+
+
+class Mlp(nnx.Module):
+  """fc1 -> GELU(tanh) -> fc2: (B, T, D) -> (B, T, D)."""
+
+  def __init__(self, hidden_size: int, mlp_hidden: int, rngs: nnx.Rngs, *, dtype, param_dtype):
+    self.fc1 = linear(hidden_size, mlp_hidden, rngs, dtype=dtype, param_dtype=param_dtype)
+    self.fc2 = linear(mlp_hidden, hidden_size, rngs, dtype=dtype, param_dtype=param_dtype)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return self.fc2(jax.nn.gelu(self.fc1(x), approximate=True))

@@ -1,0 +1,63 @@
+#!/usr/bin/env python
+"""Convert PyTorch DiT checkpoints to dit_jax checkpoint directories, and back.
+
+  python tools/convert_torch.py DiT-XL-2-256x256.pt ckpt/dit_xl2_256          # original state dict
+  python tools/convert_torch.py results/000-DiT-XL-2/checkpoints/0400000.pt out --weights model
+  python tools/convert_torch.py path/to/DiT-XL-2-256 ckpt/diffusers_xl2       # diffusers pipeline folder
+  python tools/convert_torch.py ckpt/dit_xl2_256 dit.safetensors --to torch [--layout original|diffusers]
+
+Errors are reported in one line on stderr with exit status 2; nothing already on disk is overwritten unless
+--overwrite is given.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import pathlib
+import sys
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+from dit_jax.checkpoint import CheckpointError  # noqa: E402
+from dit_jax.convert import ConversionError, convert, export  # noqa: E402
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("src", help="torch .pt/.bin/.safetensors, diffusers folder, or (with --to torch) a dit_jax dir")
+  p.add_argument("out", help="output checkpoint directory, or (with --to torch) a .safetensors file")
+  p.add_argument("--to", choices=["jax", "torch"], default="jax", help="direction (default: jax)")
+  p.add_argument("--format", dest="layout", default="auto", choices=["auto", "original", "diffusers"],
+                 help="source key layout (import; default: auto-detect)")
+  p.add_argument("--layout", dest="export_layout", default="original", choices=["original", "diffusers"],
+                 help="key layout of the exported safetensors (--to torch; default: original)")
+  p.add_argument("--weights", choices=["ema", "model"], default=None,
+                 help="which weights of a DiT training checkpoint to import (default: ema)")
+  p.add_argument("--num-heads", type=int, default=None, help="attention heads, if not inferable")
+  p.add_argument("--input-size", type=int, default=None, help="latent side, if not stored (diffusers files)")
+  p.add_argument("--dtype", default=None, help="dtype of exported tensors (default: the imported dtype)")
+  p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+  return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+  args = parse_args(argv)
+  logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
+  logging.getLogger("absl").setLevel(logging.WARNING)
+  try:
+    if args.to == "torch":
+      path = export(args.src, args.out, layout=args.export_layout, dtype=args.dtype, overwrite=args.overwrite)
+      print(f"wrote {path} ({args.export_layout} layout)")
+    else:
+      cfg = convert(args.src, args.out, layout=args.layout, weights=args.weights, num_heads=args.num_heads,
+                    input_size=args.input_size, overwrite=args.overwrite)
+      print(f"wrote {args.out}: DiT depth={cfg.depth} hidden={cfg.hidden_size} heads={cfg.num_heads} "
+            f"patch={cfg.patch_size} input={cfg.input_size} classes={cfg.num_classes} learn_sigma={cfg.learn_sigma}")
+  except (ConversionError, CheckpointError, FileNotFoundError, PermissionError, IsADirectoryError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
