@@ -124,23 +124,24 @@ def convert_state_dict(tensors: dict[str, np.ndarray], cfg: DiTConfig, layout: s
   missing = sorted({k for r in rules for k in r.sources} - set(tensors))
   if missing:
     problems.append(f"missing keys: {_listing(missing)}")
+  wrong_shapes = []
   for rule in rules:
     if any(k not in tensors for k in rule.sources):
       continue
     used.update(rule.sources)
+    want = targets[rule.target].shape
+    expected = tables.source_shapes(rule, want, cfg)
+    bad = [f"{k} {tuple(tensors[k].shape)}, expected {shape}" for k, shape in zip(rule.sources, expected)
+           if tuple(tensors[k].shape) != shape]
+    if bad:
+      wrong_shapes += bad
+      continue
     try:
-      merged = tables.merge_sources(rule, [tensors[k] for k in rule.sources])
+      values[rule.target] = tables.OPS[rule.op][0](tables.merge_sources(rule, [tensors[k] for k in rule.sources]))
     except ValueError as e:
       problems.append(str(e))
-      continue
-    value = tables.OPS[rule.op][0](merged)
-    want = targets[rule.target].shape
-    if value.shape != want:
-      shapes = ", ".join(f"{k} {tuple(tensors[k].shape)}" for k in rule.sources[:1])
-      problems.append(f"wrong shape: {shapes} gives {tuple(value.shape)} for {'/'.join(map(str, rule.target))}, "
-                      f"expected {tuple(want)}")
-      continue
-    values[rule.target] = value
+  if wrong_shapes:
+    problems.append(f"wrong shape: {_listing(wrong_shapes)}")
   extra = sorted(set(tensors) - used - {k for r in rules for k in r.sources})
   if extra:
     problems.append(f"unexpected keys: {_listing(extra)}")

@@ -128,3 +128,9 @@ def split_target(rule: Rule, array: np.ndarray) -> list[np.ndarray]:
   if rule.merge == "tied":
     return [array] * n
   return [array]
+
+
+def source_shapes(rule: Rule, target_shape: tuple, cfg: DiTConfig) -> list[tuple]:
+  """The torch shapes the rule's sources must have to fill a target of ``target_shape``."""
+  placeholder = np.broadcast_to(np.float32(0), target_shape)
+  return [tuple(a.shape) for a in split_target(rule, OPS[rule.op][1](placeholder, cfg))]
