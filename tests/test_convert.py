@@ -187,3 +187,16 @@ def test_load_errors_are_one_line(tmp):
   (tmp / "dit_jax.json").write_text("{broken")
   with pytest.raises(CheckpointError, match="corrupt"):
     dit_jax.load(tmp)
+
+
+def test_model_without_null_class_row(tmp, original_sd):
+  """A model trained with class_dropout_prob=0 has no null row: --num-classes says so."""
+  sd = dict(original_sd)
+  sd["y_embedder.embedding_table.weight"] = sd["y_embedder.embedding_table.weight"][:-1].clone()  # 10 rows
+  torch.save(sd, tmp / "dit.pt")
+  assert convert(tmp / "dit.pt", tmp / "a").num_classes == 9  # default: last row is the null class
+  cfg = convert(tmp / "dit.pt", tmp / "b", num_classes=10)
+  assert (cfg.num_classes, cfg.class_dropout_prob) == (10, 0.0)
+  assert dit_jax.load(tmp / "b").y_embedder.embedding_table.embedding.shape == (10, 64)
+  with pytest.raises(ConversionError, match="label table has 10 rows"):
+    convert(tmp / "dit.pt", tmp / "c", num_classes=5)

@@ -35,6 +35,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                  help="which weights of a DiT training checkpoint to import (default: ema)")
   p.add_argument("--num-heads", type=int, default=None, help="attention heads, if not inferable")
   p.add_argument("--input-size", type=int, default=None, help="latent side, if not stored (diffusers files)")
+  p.add_argument("--num-classes", type=int, default=None,
+                 help="number of classes; equal to the label-table rows for a model trained without label dropout "
+                      "(default: rows - 1, the last row being the null class)")
   p.add_argument("--dtype", default=None, help="dtype of exported tensors (default: the imported dtype)")
   p.add_argument("--overwrite", action="store_true", help="replace an existing output")
   return p.parse_args(argv)
@@ -50,7 +53,7 @@ def main(argv=None) -> int:
       print(f"wrote {path} ({args.export_layout} layout)")
     else:
       cfg = convert(args.src, args.out, layout=args.layout, weights=args.weights, num_heads=args.num_heads,
-                    input_size=args.input_size, overwrite=args.overwrite)
+                    input_size=args.input_size, num_classes=args.num_classes, overwrite=args.overwrite)
       print(f"wrote {args.out}: DiT depth={cfg.depth} hidden={cfg.hidden_size} heads={cfg.num_heads} "
             f"patch={cfg.patch_size} input={cfg.input_size} classes={cfg.num_classes} learn_sigma={cfg.learn_sigma}")
   except (ConversionError, CheckpointError, FileNotFoundError, PermissionError, IsADirectoryError) as e:

@@ -68,7 +68,9 @@ def infer_config(tensors: dict[str, np.ndarray], layout: str, diffusers_config: 
 
   ``num_heads`` is not visible in any shape: it comes from config.json, an override, the paper's sizes
   (384->6, 768->12, 1024->16, 1152->16), or hidden/64. ``input_size`` comes from the stored pos_embed
-  (original), config.json's ``sample_size`` (diffusers) or an override, else 32 (256 px).
+  (original), config.json's ``sample_size`` (diffusers) or an override, else 32 (256 px). The label table is
+  taken to end with the null-class row (class_dropout_prob 0.1, as every released DiT); pass ``num_classes``
+  equal to the row count for a model trained without label dropout.
   """
   dcfg = diffusers_config or {}
   if layout == "original":
@@ -103,6 +105,11 @@ def infer_config(tensors: dict[str, np.ndarray], layout: str, diffusers_config: 
                 num_heads=heads, mlp_ratio=fc1.shape[0] / hidden, num_classes=table.shape[0] - 1,
                 class_dropout_prob=0.1, learn_sigma=out_channels == 2 * in_channels, input_size=32)
   values.update(inferred)
+  num_classes = overrides.pop("num_classes", None)
+  if num_classes is not None:  # a table without the null row belongs to a model trained without label dropout
+    if table.shape[0] not in (num_classes, num_classes + 1):
+      raise ConversionError(f"label table has {table.shape[0]} rows: not num_classes={num_classes} (+1 null row)")
+    values.update(num_classes=num_classes, class_dropout_prob=0.1 if table.shape[0] == num_classes + 1 else 0.0)
   values.update({k: v for k, v in overrides.items() if v is not None})
   if values["num_heads"] is None:
     raise ConversionError(f"cannot infer the number of heads for hidden size {hidden}; pass --num-heads")
@@ -157,7 +164,8 @@ def convert_state_dict(tensors: dict[str, np.ndarray], cfg: DiTConfig, layout: s
 
 
 def convert(src: str | os.PathLike, out_dir: str | os.PathLike, *, layout: str = "auto", weights: str | None = None,
-            num_heads: int | None = None, input_size: int | None = None, overwrite: bool = False) -> DiTConfig:
+            num_heads: int | None = None, input_size: int | None = None, num_classes: int | None = None,
+            overwrite: bool = False) -> DiTConfig:
   """Convert a PyTorch DiT checkpoint into a dit_jax checkpoint directory; returns the config.
 
   Args:
@@ -170,7 +178,8 @@ def convert(src: str | os.PathLike, out_dir: str | os.PathLike, *, layout: str =
   found = detect_layout(source.tensors)
   if layout not in ("auto", found):
     raise ConversionError(f"{src} is in the {found} layout, not {layout}")
-  cfg = infer_config(source.tensors, found, source.diffusers_config, num_heads=num_heads, input_size=input_size)
+  cfg = infer_config(source.tensors, found, source.diffusers_config, num_heads=num_heads, input_size=input_size,
+                     num_classes=num_classes)
   model = convert_state_dict(source.tensors, cfg, found)
   dtypes = sorted({str(a.dtype) for a in source.tensors.values()})
   checkpoint.save(model, out_dir, overwrite=overwrite,
