@@ -11,7 +11,6 @@ import pathlib
 import re
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -145,8 +144,8 @@ def convert_state_dict(tensors: dict[str, np.ndarray], cfg: DiTConfig, layout: s
       continue
     try:
       values[rule.target] = tables.OPS[rule.op][0](tables.merge_sources(rule, [tensors[k] for k in rule.sources]))
-    except ValueError as e:
-      problems.append(str(e))
+    except ValueError as e:  # untied embedder copies: a model fine-tuned with diffusers' per-block embedders
+      problems.append(f"{e}; dit_jax shares one timestep/label embedder across blocks, as the original DiT")
   if wrong_shapes:
     problems.append(f"wrong shape: {_listing(wrong_shapes)}")
   extra = sorted(set(tensors) - used - {k for r in rules for k in r.sources})
