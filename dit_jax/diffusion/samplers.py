@@ -1,0 +1,200 @@
+"""Sampling loops, each one ``lax.fori_loop`` inside a single ``jax.jit``, and the public ``sample`` entry point.
+
+VP (DDPM / IDDPM): ``ddpm`` (ancestral, learned or fixed variance) and ``ddim`` (eta). Flow: ``euler``, ``heun``,
+``dpmpp_2m``, ``sde`` (see :mod:`dit_jax.diffusion.flow`). Stochastic samplers take either a PRNG key or
+``step_noise`` of shape (steps, *latent_shape) to replay another implementation's noise draw for draw.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from dit_jax.diffusion import guidance
+from dit_jax.diffusion.vp import GaussianDiffusion, create_diffusion
+
+VP_METHODS = ("ddpm", "ddim")
+FLOW_METHODS = ("euler", "heun", "dpmpp_2m", "sde")
+METHODS = VP_METHODS + FLOW_METHODS
+DEFAULT_STEPS = {"ddpm": 250, "ddim": 50, "euler": 50, "heun": 25, "dpmpp_2m": 50, "sde": 250}
+
+ModelFn = Callable[[jax.Array, jax.Array], jax.Array]  # (x (B,H,W,C), model time (B,)) -> (B,H,W,C_out)
+
+
+def _noise_at(k, shape, dtype, step_noise, key):
+  if step_noise is not None:
+    return step_noise[k].astype(dtype)
+  return jax.random.normal(jax.random.fold_in(key, k), shape, dtype)
+
+
+def _vp_mean_variance(diffusion: GaussianDiffusion, output: jax.Array, x: jax.Array, t: jax.Array):
+  """(mean, log_variance, pred_x0): learned-range variance for 2C outputs, the fixed-large variance for C."""
+  if output.shape[-1] == 2 * x.shape[-1]:
+    return diffusion.p_mean_variance(output, x, t)
+  fixed_large = np.log(np.append(diffusion.posterior_variance[1], diffusion.betas[1:]))
+  pred_x0 = diffusion.predict_x0(x, t, output)
+  mean, _ = diffusion.q_posterior(pred_x0, x, t)
+  return mean, diffusion._at(fixed_large, t, x.ndim), pred_x0
+
+
+def ddpm(diffusion: GaussianDiffusion, model_fn: ModelFn, x: jax.Array, *, step_noise=None, key=None) -> jax.Array:
+  """Ancestral sampling (``p_sample_loop``): x_{t-1} = mean + [t > 0] exp(log_var / 2) z, t = T-1 .. 0."""
+  n = diffusion.num_timesteps
+
+  def step(k, x):
+    i = n - 1 - k
+    t = jnp.full((x.shape[0],), i, jnp.int32)
+    mean, log_var, _ = _vp_mean_variance(diffusion, model_fn(x, diffusion.model_timesteps(t)), x, t)
+    z = _noise_at(k, x.shape, x.dtype, step_noise, key)
+    return mean + (i != 0) * jnp.exp(0.5 * log_var) * z
+
+  return jax.lax.fori_loop(0, n, step, x)
+
+
+def ddim(diffusion: GaussianDiffusion, model_fn: ModelFn, x: jax.Array, *, eta: float = 0.0, step_noise=None,
+         key=None) -> jax.Array:
+  """DDIM (Song et al., eq. 12) as ``ddim_sample_loop``; eta = 0 is deterministic. Ignores a learned variance."""
+  n = diffusion.num_timesteps
+
+  def step(k, x):
+    i = n - 1 - k
+    t = jnp.full((x.shape[0],), i, jnp.int32)
+    output = model_fn(x, diffusion.model_timesteps(t))
+    pred_x0 = diffusion.predict_x0(x, t, output[..., :x.shape[-1]])
+    eps = diffusion.predict_eps(x, t, pred_x0)
+    ab = diffusion._at(diffusion.alphas_cumprod, t, x.ndim)
+    ab_prev = diffusion._at(diffusion.alphas_cumprod_prev, t, x.ndim)
+    sigma = eta * jnp.sqrt((1 - ab_prev) / (1 - ab)) * jnp.sqrt(1 - ab / ab_prev)
+    mean = pred_x0 * jnp.sqrt(ab_prev) + jnp.sqrt(1 - ab_prev - sigma**2) * eps
+    if eta == 0.0:
+      return mean
+    return mean + (i != 0) * sigma * _noise_at(k, x.shape, x.dtype, step_noise, key)
+
+  return jax.lax.fori_loop(0, n, step, x)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Public entry point
+
+
+def _validate(method, steps, cfg_scale, step_noise, latent_shape, respacing):
+  if method not in METHODS:
+    raise ValueError(f"unknown sampling method {method!r}; choose one of {', '.join(METHODS)}")
+  if steps is not None and (not isinstance(steps, int | np.integer) or steps <= 0):
+    raise ValueError(f"steps must be a positive integer, got {steps!r}")
+  if method in VP_METHODS and steps is not None and steps > 1000 and respacing is None:
+    raise ValueError(f"steps={steps} exceeds the 1000 training timesteps")
+  if cfg_scale < 0:
+    raise ValueError(f"cfg_scale must be >= 0, got {cfg_scale}")
+  if step_noise is not None and tuple(step_noise.shape[1:]) != tuple(latent_shape):
+    raise ValueError(f"step_noise has shape {tuple(step_noise.shape)}, expected (steps, {', '.join(map(str, latent_shape))})")
+
+
+def _check_labels(labels: np.ndarray, num_classes: int) -> None:
+  if labels.ndim != 1:
+    raise ValueError(f"class labels must be a 1-D array, got shape {labels.shape}")
+  if not np.issubdtype(labels.dtype, np.integer):
+    raise ValueError(f"class labels must be integers, got {labels.dtype}")
+  bad = labels[(labels < 0) | (labels > num_classes)]
+  if bad.size:
+    raise ValueError(f"class id {int(bad[0])} is out of range 0..{num_classes - 1} (null class {num_classes})")
+
+
+@functools.lru_cache(maxsize=32)
+def _compiled(graphdef, method: str, steps: int, cfg_scale: float, cfg_mode: str, interval, respacing, eta: float,
+              shift: float, convention: str):
+  """One jitted sampler per (model structure, static options)."""
+  def run(state, labels, x, step_noise, key):
+    model = nnx.merge(graphdef, state)
+    cfg = model.config
+    raw = lambda x, t, y: model(x, t, y)
+    if method in VP_METHODS:
+      diffusion = create_diffusion(respacing or str(steps))
+      level = lambda t: t / 1000.0
+      model_fn = guidance.classifier_free(raw, labels, cfg.num_classes, cfg_scale, latent_channels=cfg.in_channels,
+                                          mode=cfg_mode, interval=interval, noise_level=level)
+      kw = dict(step_noise=step_noise, key=key)
+      if method == "ddpm":
+        return ddpm(diffusion, model_fn, x, **kw)
+      return ddim(diffusion, model_fn, x, eta=eta, **kw)
+    from dit_jax.diffusion import flow
+
+    conv = flow.CONVENTIONS[convention]
+    on_sigma = lambda x, sigma, y: model(x, conv.model_time(sigma), y)
+    model_fn = guidance.classifier_free(on_sigma, labels, cfg.num_classes, cfg_scale,
+                                        latent_channels=cfg.in_channels, mode=cfg_mode, interval=interval,
+                                        noise_level=lambda sigma: sigma)
+    velocity = lambda x, sigma: conv.to_sd3_velocity(model_fn(x, sigma)[..., :cfg.in_channels])
+    sigmas = jnp.asarray(flow.flow_sigmas(steps, shift))
+    if method == "euler":
+      return flow.euler(velocity, x, sigmas)
+    if method == "heun":
+      return flow.heun(velocity, x, sigmas)
+    if method == "dpmpp_2m":
+      return flow.dpmpp_2m(velocity, x, sigmas)
+    return flow.euler_maruyama(velocity, x, sigmas, step_noise=step_noise, key=key)
+
+  return jax.jit(run)
+
+
+def sample(model: nnx.Module, cond, key: jax.Array | None = None, *, method: str = "ddpm", steps: int | None = None,
+           cfg_scale: float = 1.0, cfg_mode: str = "all", guidance_interval: tuple[float, float] | None = None,
+           noise: jax.Array | None = None, step_noise: jax.Array | None = None, respacing: str | None = None,
+           eta: float = 0.0, shift: float = 1.0, flow_convention: str = "sit", mesh: jax.sharding.Mesh | None = None
+           ) -> jax.Array:
+  """Sample latents from a class-conditional DiT; the whole loop runs inside one ``jax.jit``.
+
+  Args:
+    model: a DiT (``dit_jax.load``).
+    cond: (B,) int class ids (``model.config.num_classes`` = the null class).
+    key: PRNG key for the initial latent and per-step noise (not needed when both are given).
+    method: 'ddpm' | 'ddim' (VP, eps models) or 'euler' | 'heun' | 'dpmpp_2m' | 'sde' (rectified flow).
+    steps: sampling steps. For VP, N respaces like the original scripts (``create_diffusion(str(N))``);
+      ``respacing`` ('250', 'a,b,c' or 'ddim50') overrides it. Defaults: DEFAULT_STEPS.
+    cfg_scale: classifier-free guidance scale (1 = none); cfg_mode 'all' or 'dit' (first three channels).
+    guidance_interval: (lo, hi) noise levels in [0, 1] where guidance applies.
+    noise: (B, H, W, C) initial latent; step_noise: (steps, B, H, W, C) per-step normals (ddpm, ddim eta>0, sde).
+    shift: flow sigma shift; flow_convention: 'sit' (t in [0,1], t=1 data) or 'sd3' (t = 1000 sigma).
+    mesh: shard the batch over every axis of this mesh (parameters replicated).
+  Returns:
+    (B, H, W, C) final latents, float32.
+  """
+  cfg = model.config
+  labels = np.asarray(cond)
+  _check_labels(labels, cfg.num_classes)
+  latent_shape = (labels.shape[0], cfg.input_size, cfg.input_size, cfg.in_channels)
+  _validate(method, steps, cfg_scale, step_noise, latent_shape, respacing)
+  steps = steps or DEFAULT_STEPS[method]
+  if method in VP_METHODS:
+    num = create_diffusion(respacing or str(steps)).num_timesteps
+  else:
+    num = steps
+  if step_noise is not None and step_noise.shape[0] != num:
+    raise ValueError(f"step_noise has {step_noise.shape[0]} steps, the sampler takes {num}")
+  draws_noise = method in ("ddpm", "sde") or (method == "ddim" and eta > 0)
+  if key is None:
+    if noise is None or (draws_noise and step_noise is None):
+      raise ValueError(f"{method} needs a PRNG key (or an initial latent `noise` and, if stochastic, `step_noise`)")
+    key = jax.random.key(0)  # unused: every draw is given
+  init_key, loop_key = jax.random.split(key)
+  x = jnp.asarray(noise, jnp.float32) if noise is not None else jax.random.normal(init_key, latent_shape)
+  if x.shape != latent_shape:
+    raise ValueError(f"noise has shape {tuple(x.shape)}, expected {latent_shape}")
+  graphdef, state = nnx.split(model)
+  interval = tuple(float(v) for v in guidance_interval) if guidance_interval is not None else None
+  fn = _compiled(graphdef, method, steps, float(cfg_scale), cfg_mode, interval, respacing, float(eta), float(shift),
+                 flow_convention)
+  labels = jnp.asarray(labels, jnp.int32)
+  step_noise = jnp.asarray(step_noise, jnp.float32) if step_noise is not None else None
+  if mesh is not None:
+    batch = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(mesh.axis_names))
+    steps_batch = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, mesh.axis_names))
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    state = jax.device_put(state, replicated)
+    labels, x = jax.device_put(labels, batch), jax.device_put(x, batch)
+    step_noise = jax.device_put(step_noise, steps_batch) if step_noise is not None else None
+  return fn(state, labels, x, step_noise, loop_key)
