@@ -94,7 +94,7 @@ def _validate(method, steps, cfg_scale, step_noise, latent_shape, respacing):
     raise ValueError(f"step_noise has shape {tuple(step_noise.shape)}, expected (steps, {', '.join(map(str, latent_shape))})")
 
 
-def _check_labels(labels: np.ndarray, num_classes: int) -> None:
+def check_labels(labels: np.ndarray, num_classes: int) -> None:
   if labels.ndim != 1:
     raise ValueError(f"class labels must be a 1-D array, got shape {labels.shape}")
   if not np.issubdtype(labels.dtype, np.integer):
@@ -165,7 +165,7 @@ def sample(model: nnx.Module, cond, key: jax.Array | None = None, *, method: str
   """
   cfg = model.config
   labels = np.asarray(cond)
-  _check_labels(labels, cfg.num_classes)
+  check_labels(labels, cfg.num_classes)
   latent_shape = (labels.shape[0], cfg.input_size, cfg.input_size, cfg.in_channels)
   _validate(method, steps, cfg_scale, step_noise, latent_shape, respacing)
   steps = steps or DEFAULT_STEPS[method]
