@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import pathlib
 import platform
-import sys
 import time
 
 import jax
@@ -21,58 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-
-from dit_jax.convert import convert_state_dict  # noqa: E402
-from dit_jax.convert.readers import to_numpy  # noqa: E402
-from dit_jax.models.dit import DiTConfig, dit_config  # noqa: E402
-
-
-def median_seconds(fn, iters: int, warmup: int = 2) -> float:
-  for _ in range(warmup):
-    fn()
-  times = []
-  for _ in range(iters):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return float(np.median(times))
-
-
-def matmul_peak_flops(n: int = 2048, iters: int = 10) -> dict[str, float]:
-  """Achieved fp32 FLOP/s of a large square matmul in each framework."""
-  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-  dot = jax.jit(jnp.dot)
-  jax_s = median_seconds(lambda: dot(a, a).block_until_ready(), iters)
-  t = torch.randn(n, n)
-  torch_s = median_seconds(lambda: torch.mm(t, t), iters)
-  return {"jax": 2 * n**3 / jax_s, "torch": 2 * n**3 / torch_s}
-
-
-def forward_flops(cfg: DiTConfig) -> float:
-  """Forward FLOPs per image (2 x multiply-accumulates), the paper's Gflops formula."""
-  t, d, p = cfg.num_tokens, cfg.hidden_size, cfg.patch_size
-  hidden = int(cfg.mlp_ratio * d)
-  block = 4 * t * d * d + 2 * t * d * hidden + 2 * t * t * d + 6 * d * d
-  macs = cfg.depth * block + t * cfg.in_channels * p * p * d + 256 * d + d * d + 2 * d * d
-  macs += t * d * p * p * cfg.out_channels
-  return 2.0 * macs
-
-
-def build_pair(name: str):
-  from diffusers import DiTTransformer2DModel
-
-  cfg = dit_config(name, convention="diffusers")
-  ref = DiTTransformer2DModel(num_attention_heads=cfg.num_heads, attention_head_dim=cfg.hidden_size // cfg.num_heads,
-                              in_channels=4, out_channels=8, num_layers=cfg.depth, sample_size=32,
-                              patch_size=cfg.patch_size, num_embeds_ada_norm=1000).eval()
-  tensors = {k: to_numpy(v) for k, v in ref.state_dict().items()}
-  first = "transformer_blocks.0.norm1.emb."
-  for k in tensors:  # tie the per-block embedder copies, as in every converted DiT
-    if ".norm1.emb." in k:
-      tensors[k] = tensors[first + k.split(".norm1.emb.", 1)[1]]
-  ref.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in tensors.items()})
-  return cfg, ref, convert_state_dict(tensors, cfg, "diffusers")
+from common import build_pair, forward_flops, matmul_peak_flops, median_seconds
 
 
 def bench(name: str, batch: int, iters: int, peak: float) -> dict:
