@@ -1,7 +1,8 @@
 """Sampling loops, each one ``lax.fori_loop`` inside a single ``jax.jit``, and the public ``sample`` entry point.
 
 VP (DDPM / IDDPM): ``ddpm`` (ancestral, learned or fixed variance) and ``ddim`` (eta). Flow: ``euler``, ``heun``,
-``dpmpp_2m``, ``sde`` (see :mod:`dit_jax.diffusion.flow`). Stochastic samplers take either a PRNG key or
+``dpmpp_2m`` (diffusers' flow mode), ``dpmpp_2m_sd35`` (the Stability sd3.5 reference), ``sde`` (SiT's
+Euler-Maruyama); see :mod:`dit_jax.diffusion.flow`. Stochastic samplers take either a PRNG key or
 ``step_noise`` of shape (steps, *latent_shape) to replay another implementation's noise draw for draw.
 """
 from __future__ import annotations
@@ -18,9 +19,9 @@ from dit_jax.diffusion import guidance
 from dit_jax.diffusion.vp import GaussianDiffusion, create_diffusion
 
 VP_METHODS = ("ddpm", "ddim")
-FLOW_METHODS = ("euler", "heun", "dpmpp_2m", "sde")
+FLOW_METHODS = ("euler", "heun", "dpmpp_2m", "dpmpp_2m_sd35", "sde")
 METHODS = VP_METHODS + FLOW_METHODS
-DEFAULT_STEPS = {"ddpm": 250, "ddim": 50, "euler": 50, "heun": 25, "dpmpp_2m": 50, "sde": 250}
+DEFAULT_STEPS = {"ddpm": 250, "ddim": 50, "euler": 50, "heun": 25, "dpmpp_2m": 50, "dpmpp_2m_sd35": 50, "sde": 250}
 
 ModelFn = Callable[[jax.Array, jax.Array], jax.Array]  # (x (B,H,W,C), model time (B,)) -> (B,H,W,C_out)
 
@@ -104,6 +105,23 @@ def check_labels(labels: np.ndarray, num_classes: int) -> None:
     raise ValueError(f"class id {int(bad[0])} is out of range 0..{num_classes - 1} (null class {num_classes})")
 
 
+def flow_schedule(method: str, steps: int, shift: float, convention: str) -> np.ndarray:
+  """(steps + 1,) descending sigmas ending in 0 for a flow method.
+
+  'sde': SiT's grid (uniform, last step of 0.04 taken as the drift mean). 'dpmpp_2m': diffusers' DPM flow-mode
+  sigmas. Otherwise: the SD3 / diffusers FlowMatchEuler schedule for the 'sd3' convention, and the uniform grid
+  1 -> 0 that SiT's ODE sampler integrates for 'sit'. ``shift`` != 1 is applied as sigma' = s sigma/(1+(s-1) sigma).
+  """
+  from dit_jax.diffusion import flow
+
+  if method == "dpmpp_2m":
+    return flow.dpm_flow_sigmas(steps, shift)
+  if convention == "sd3" and method != "sde":
+    return flow.flow_sigmas(steps, shift)
+  sigmas = flow.sit_sde_sigmas(steps) if method == "sde" else np.linspace(1.0, 0.0, steps + 1, dtype=np.float32)
+  return np.asarray(flow.shift_sigmas(sigmas, shift), np.float32) if shift != 1.0 else sigmas
+
+
 @functools.lru_cache(maxsize=32)
 def _compiled(graphdef, method: str, steps: int, cfg_scale: float, cfg_mode: str, interval, respacing, eta: float,
               shift: float, convention: str):
@@ -129,14 +147,12 @@ def _compiled(graphdef, method: str, steps: int, cfg_scale: float, cfg_mode: str
                                         latent_channels=cfg.in_channels, mode=cfg_mode, interval=interval,
                                         noise_level=lambda sigma: sigma)
     velocity = lambda x, sigma: conv.to_sd3_velocity(model_fn(x, sigma)[..., :cfg.in_channels])
-    sigmas = jnp.asarray(flow.flow_sigmas(steps, shift))
-    if method == "euler":
-      return flow.euler(velocity, x, sigmas)
-    if method == "heun":
-      return flow.heun(velocity, x, sigmas)
-    if method == "dpmpp_2m":
-      return flow.dpmpp_2m(velocity, x, sigmas)
-    return flow.euler_maruyama(velocity, x, sigmas, step_noise=step_noise, key=key)
+    sigmas = jnp.asarray(flow_schedule(method, steps, shift, convention))
+    if method == "sde":
+      return flow.euler_maruyama(velocity, x, sigmas, step_noise=step_noise, key=key)
+    solver = {"euler": flow.euler, "heun": flow.heun, "dpmpp_2m": flow.dpmpp_2m,
+              "dpmpp_2m_sd35": flow.dpmpp_2m_sd35}[method]
+    return solver(velocity, x, sigmas)
 
   return jax.jit(run)
 
@@ -152,7 +168,8 @@ def sample(model: nnx.Module, cond, key: jax.Array | None = None, *, method: str
     model: a DiT (``dit_jax.load``).
     cond: (B,) int class ids (``model.config.num_classes`` = the null class).
     key: PRNG key for the initial latent and per-step noise (not needed when both are given).
-    method: 'ddpm' | 'ddim' (VP, eps models) or 'euler' | 'heun' | 'dpmpp_2m' | 'sde' (rectified flow).
+    method: 'ddpm' | 'ddim' (VP, eps models) or 'euler' | 'heun' | 'dpmpp_2m' | 'dpmpp_2m_sd35' | 'sde' (flow;
+      schedules in :func:`flow_schedule`).
     steps: sampling steps. For VP, N respaces like the original scripts (``create_diffusion(str(N))``);
       ``respacing`` ('250', 'a,b,c' or 'ddim50') overrides it. Defaults: DEFAULT_STEPS.
     cfg_scale: classifier-free guidance scale (1 = none); cfg_mode 'all' or 'dit' (first three channels).
