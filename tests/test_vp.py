@@ -75,7 +75,7 @@ def test_respaced_process_matches_diffusers_alphas():
 def test_normal_kl_matches_integral():
   for m1, lv1, m2, lv2 in [(0.0, 0.0, 0.0, 0.0), (0.3, -1.0, -0.2, 0.5), (1.0, 0.7, 0.9, -0.4)]:
     p, q = scipy.stats.norm(m1, np.exp(lv1 / 2)), scipy.stats.norm(m2, np.exp(lv2 / 2))
-    ref = scipy.integrate.quad(lambda x: p.pdf(x) * (p.logpdf(x) - q.logpdf(x)), -30, 30)[0]
+    ref = scipy.integrate.quad(lambda x, p=p, q=q: p.pdf(x) * (p.logpdf(x) - q.logpdf(x)), -30, 30)[0]
     ours = float(vp.normal_kl(jnp.float32(m1), jnp.float32(lv1), jnp.float32(m2), jnp.float32(lv2)))
     assert abs(ours - ref) < 1e-5, (ours, ref)
 
