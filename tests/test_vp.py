@@ -255,3 +255,17 @@ def test_sampling_is_deterministic_and_validates_input(converted):
     kw = dict(cond=np.array([1, 2]), key=key, method="ddpm", steps=10) | overrides
     with pytest.raises(ValueError, match=fragment):
       sample(ours, kw.pop("cond"), kw.pop("key"), **kw)
+
+
+def test_guidance_interval(converted):
+  """Guidance inside [lo, hi] only: an interval covering every step equals full CFG, one covering none equals no
+  CFG, and a partial one differs from both."""
+  _, ours = converted
+  y = np.array([5, 6])
+  x_T = np.random.default_rng(5).standard_normal((2, 8, 8, 4)).astype(np.float32)
+  kw = dict(method="ddim", steps=6, noise=x_T)
+  full, none = sample(ours, y, cfg_scale=3.0, **kw), sample(ours, y, cfg_scale=1.0, **kw)
+  np.testing.assert_array_equal(sample(ours, y, cfg_scale=3.0, guidance_interval=(0.0, 1.0), **kw), full)
+  np.testing.assert_array_equal(sample(ours, y, cfg_scale=3.0, guidance_interval=(2.0, 3.0), **kw), none)
+  part = sample(ours, y, cfg_scale=3.0, guidance_interval=(0.0, 0.5), **kw)
+  assert rel_err(part, full) > 1e-4 and rel_err(part, none) > 1e-4
