@@ -269,3 +269,17 @@ def test_guidance_interval(converted):
   np.testing.assert_array_equal(sample(ours, y, cfg_scale=3.0, guidance_interval=(2.0, 3.0), **kw), none)
   part = sample(ours, y, cfg_scale=3.0, guidance_interval=(0.0, 0.5), **kw)
   assert rel_err(part, full) > 1e-4 and rel_err(part, none) > 1e-4
+
+
+def test_cdf_tails_match_torch_float32():
+  """The t = 0 decoder NLL takes log(1 - cdf) in float32; its tails must follow the original's torch.tanh (XLA's
+  CPU tanh alone is off by up to 11 nats there, which moved the hybrid loss at t = 0 by 3%)."""
+  x = np.linspace(-8.5, 8.5, 50001).astype(np.float32)
+  xt = torch.from_numpy(x)
+  ref = (0.5 * (1.0 + torch.tanh(np.sqrt(2.0 / np.pi) * (xt + 0.044715 * torch.pow(xt, 3))))).numpy()
+  ours = np.asarray(vp.approx_standard_normal_cdf(jnp.asarray(x)))
+  log_tail = lambda c: np.log(np.maximum(1.0 - c, 1e-12))
+  for err in (np.abs(log_tail(ours) - log_tail(ref)),
+              np.abs(np.log(np.maximum(ours, 1e-12)) - np.log(np.maximum(ref, 1e-12)))):
+    # one-ulp tanh differences deep in the tail still move a log by a few 1e-3 at isolated points
+    assert err.max() < 1e-2 and (err > 1e-3).sum() <= 5, (err.max(), (err > 1e-3).sum())
