@@ -14,7 +14,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from dit_jax.convert import convert_state_dict  # noqa: E402
 from dit_jax.convert.readers import to_numpy  # noqa: E402
-from dit_jax.models.dit import DiTConfig, dit_config  # noqa: E402
+from dit_jax.models.dit import DiTConfig, dit_config, flops_per_image  # noqa: E402
 
 
 def median_seconds(fn, iters: int, warmup: int = 2) -> float:
@@ -40,12 +40,7 @@ def matmul_peak_flops(n: int = 2048, iters: int = 10) -> dict[str, float]:
 
 def forward_flops(cfg: DiTConfig) -> float:
   """Forward FLOPs per image (2 x multiply-accumulates), the paper's Gflops formula."""
-  t, d, p = cfg.num_tokens, cfg.hidden_size, cfg.patch_size
-  hidden = int(cfg.mlp_ratio * d)
-  block = 4 * t * d * d + 2 * t * d * hidden + 2 * t * t * d + 6 * d * d
-  macs = cfg.depth * block + t * cfg.in_channels * p * p * d + 256 * d + d * d + 2 * d * d
-  macs += t * d * p * p * cfg.out_channels
-  return 2.0 * macs
+  return flops_per_image(cfg)
 
 
 def build_pair(name: str):

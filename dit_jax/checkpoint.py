@@ -104,6 +104,8 @@ def load(path: str | os.PathLike, dtype=jnp.float32, *, param_dtype=jnp.float32,
     raise CheckpointError(f"{path / META}: {e}") from None
   abstract = nnx.eval_shape(lambda: module_cls(config, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype,
                                                attention_impl=attention_impl))
+  if "training" in meta:
+    return _load_training_ema(path, abstract, meta)
   graphdef, abstract_state = nnx.split(abstract)
   try:
     state = _checkpointer().restore(path / "params", abstract_state)
@@ -111,6 +113,20 @@ def load(path: str | os.PathLike, dtype=jnp.float32, *, param_dtype=jnp.float32,
     first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     raise CheckpointError(f"{path / 'params'} cannot be restored ({first})") from None
   return nnx.merge(graphdef, state)
+
+
+def _load_training_ema(path: pathlib.Path, abstract: nnx.Module, meta: dict[str, Any]) -> nnx.Module:
+  """The EMA weights of the latest checkpoint of a training workdir."""
+  from dit_jax.train import Checkpoints
+
+  ckpts = Checkpoints(path)
+  step = ckpts.latest_step()
+  if step is None:
+    raise CheckpointError(f"{path} is a training directory without any checkpoint yet")
+  graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
+  ema, rest = ckpts.restore_ema(step, params, rest)
+  ckpts.close()
+  return nnx.merge(graphdef, ema, rest)
 
 
 def flat_params(model: nnx.Module) -> dict[tuple, np.ndarray]:

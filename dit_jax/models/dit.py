@@ -90,6 +90,10 @@ class DiTConfig:
     return cls(**d)
 
 
+# Activation checkpointing per block: none, everything recomputed, or matmul outputs without a batch dim saved.
+REMAT_POLICIES = {"none": None, "full": jax.checkpoint_policies.nothing_saveable,
+                  "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+
 # (depth, hidden_size, num_heads) of the paper's four model sizes.
 SIZES = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}
 CONFIGS = {f"DiT-{s}/{p}": dict(depth=d, hidden_size=h, num_heads=n, patch_size=p)
@@ -116,7 +120,7 @@ class DiTBlock(nnx.Module):
     self.mlp_norm_eps = cfg.mlp_norm_eps
     self.attn = layers.Attention(d, cfg.num_heads, rngs, implementation=attention_impl, **kw)
     self.mlp = layers.Mlp(d, int(d * cfg.mlp_ratio), rngs, **kw)
-    self.adaLN_modulation = layers.linear(d, 6 * d, rngs, kernel_init=layers.zeros, **kw)
+    self.adaLN_modulation = layers.linear(d, 6 * d, rngs, kernel_init=layers.zeros, axes=("embed", "mod"), **kw)
 
   def __call__(self, x: jax.Array, c: jax.Array) -> jax.Array:
     shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(
@@ -133,8 +137,8 @@ class FinalLayer(nnx.Module):
     d = cfg.hidden_size
     kw = dict(dtype=dtype, param_dtype=param_dtype, kernel_init=layers.zeros)
     self.eps = cfg.attn_norm_eps
-    self.adaLN_modulation = layers.linear(d, 2 * d, rngs, **kw)
-    self.linear = layers.linear(d, cfg.patch_size**2 * cfg.out_channels, rngs, **kw)
+    self.adaLN_modulation = layers.linear(d, 2 * d, rngs, axes=("embed", "mod"), **kw)
+    self.linear = layers.linear(d, cfg.patch_size**2 * cfg.out_channels, rngs, axes=("embed", None), **kw)
 
   def __call__(self, x: jax.Array, c: jax.Array) -> jax.Array:
     shift, scale = jnp.split(self.adaLN_modulation(nnx.silu(c)), 2, axis=-1)
@@ -158,10 +162,14 @@ class DiT(nnx.Module):
   """
 
   def __init__(self, config: DiTConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32,
-               attention_impl: str = "auto"):
+               attention_impl: str = "auto", remat: str = "none", scan_layers: bool = False):
     if attention_impl not in IMPLEMENTATIONS:
       raise ValueError(f"attention_impl {attention_impl!r} is not one of {IMPLEMENTATIONS}")
+    if remat not in REMAT_POLICIES:
+      raise ValueError(f"remat {remat!r} is not one of {', '.join(REMAT_POLICIES)}")
     cfg = self.config = config
+    self.remat = remat
+    self.scan_layers = scan_layers
     kw = dict(dtype=dtype, param_dtype=param_dtype)
     self.dtype = dtype
     self.x_embedder = layers.PatchEmbed(cfg.patch_size, cfg.in_channels, cfg.hidden_size, rngs, **kw)
@@ -169,7 +177,7 @@ class DiT(nnx.Module):
     self.y_embedder = layers.LabelEmbedder(cfg.num_classes, cfg.hidden_size, cfg.class_dropout_prob, rngs,
                                            param_dtype=param_dtype)
     table = layers.sincos_2d(cfg.hidden_size, cfg.grid_size, cfg.grid_size)
-    self.pos_embed = FrozenParam(jnp.asarray(table, dtype=param_dtype))
+    self.pos_embed = FrozenParam(jnp.asarray(table, dtype=param_dtype), **layers.logical(None, "embed"))
     self.blocks = nnx.List([DiTBlock(cfg, rngs, attention_impl=attention_impl, **kw) for _ in range(cfg.depth)])
     self.final_layer = FinalLayer(cfg, rngs, **kw)
 
@@ -198,10 +206,35 @@ class DiT(nnx.Module):
                        f"got {tuple(x.shape)}")
     tokens = self.x_embedder(x.astype(self.dtype)) + self.pos_embed[...].astype(self.dtype)
     cond = self.condition(t, y, dropout_key, force_drop_ids)
-    for block in self.blocks:
-      tokens = block(tokens, cond)
+    tokens = self.run_blocks(tokens, cond)
     tokens = self.final_layer(tokens, cond)
     return unpatchify(tokens, cfg.patch_size, cfg.out_channels, cfg.grid_size, cfg.grid_size)
+
+
+  def run_blocks(self, tokens: jax.Array, cond: jax.Array) -> jax.Array:
+    """All blocks, optionally rematerialised (``remat``) and/or as one ``lax.scan`` over stacked block weights
+    (``scan_layers``: one compiled block instead of ``depth``; the parameters stay stored per block)."""
+    graphdef, _ = nnx.split(self.blocks[0])
+    apply = lambda state, x: nnx.merge(graphdef, state)(x, cond)
+    if self.remat != "none":
+      apply = jax.checkpoint(apply, policy=REMAT_POLICIES[self.remat])
+    states = [nnx.split(block)[1] for block in self.blocks]
+    if not self.scan_layers:
+      for state in states:
+        tokens = apply(state, tokens)
+      return tokens
+    stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *states)
+    tokens, _ = jax.lax.scan(lambda x, state: (apply(state, x), None), tokens, stacked)
+    return tokens
+
+
+def flops_per_image(cfg: DiTConfig) -> float:
+  """Forward FLOPs per image: 2 x the DiT paper's multiply-accumulate count (XL/2 at 256 px: 2 x 118.6 G)."""
+  t, d, p = cfg.num_tokens, cfg.hidden_size, cfg.patch_size
+  hidden = int(cfg.mlp_ratio * d)
+  block = 4 * t * d * d + 2 * t * d * hidden + 2 * t * t * d + 6 * d * d
+  macs = cfg.depth * block + t * cfg.in_channels * p * p * d + 256 * d + d * d + 2 * d * d
+  return 2.0 * (macs + t * d * p * p * cfg.out_channels)
 
 
 def count_params(model: nnx.Module, include_frozen: bool = True) -> int:

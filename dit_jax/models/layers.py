@@ -22,6 +22,12 @@ class FrozenParam(nnx.Variable):
   """A stored tensor that is part of the checkpoint but never trained (e.g. DiT's sin-cos pos_embed)."""
 
 
+def logical(*names: str | None) -> dict:
+  """Variable metadata naming each axis logically ('embed', 'mlp', 'heads', ...); mesh rules map the names to
+  mesh axes (:mod:`dit_jax.parallel`). Recorded only: placement happens when a train state is sharded."""
+  return {"sharding_names": names, "eager_sharding": False}
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Sinusoidal tables
 
@@ -90,11 +96,12 @@ def modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
 # Modules
 
 
-def linear(d_in: int, d_out: int, rngs: nnx.Rngs, *, dtype, param_dtype, kernel_init=xavier_uniform,
-           bias_init=zeros, use_bias: bool = True) -> nnx.Linear:
-  """nnx.Linear with DiT's default init (xavier-uniform weight, zero bias)."""
+def linear(d_in: int, d_out: int, rngs: nnx.Rngs, *, dtype, param_dtype, axes: tuple[str | None, str | None],
+           kernel_init=xavier_uniform, bias_init=zeros, use_bias: bool = True) -> nnx.Linear:
+  """nnx.Linear with DiT's default init (xavier-uniform weight, zero bias) and logical axis names (in, out)."""
   return nnx.Linear(d_in, d_out, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, kernel_init=kernel_init,
-                    bias_init=bias_init, rngs=rngs)
+                    bias_init=bias_init, rngs=rngs, kernel_metadata=logical(*axes),
+                    bias_metadata=logical(axes[1]))
 
 
 class PatchEmbed(nnx.Module):
@@ -106,7 +113,8 @@ class PatchEmbed(nnx.Module):
 
   def __init__(self, patch_size: int, in_channels: int, hidden_size: int, rngs: nnx.Rngs, *, dtype, param_dtype):
     self.patch_size = patch_size
-    self.proj = linear(patch_size * patch_size * in_channels, hidden_size, rngs, dtype=dtype, param_dtype=param_dtype)
+    self.proj = linear(patch_size * patch_size * in_channels, hidden_size, rngs, dtype=dtype, param_dtype=param_dtype,
+                       axes=(None, "embed"))
 
   def __call__(self, x: jax.Array) -> jax.Array:
     b, h, w, c = x.shape
@@ -123,8 +131,8 @@ class TimestepEmbedder(nnx.Module):
     self.freq_dim = freq_dim
     self.freq_shift = freq_shift
     kw = dict(dtype=dtype, param_dtype=param_dtype, kernel_init=normal_002)
-    self.fc1 = linear(freq_dim, hidden_size, rngs, **kw)
-    self.fc2 = linear(hidden_size, hidden_size, rngs, **kw)
+    self.fc1 = linear(freq_dim, hidden_size, rngs, axes=(None, "embed"), **kw)
+    self.fc2 = linear(hidden_size, hidden_size, rngs, axes=("embed", None), **kw)
 
   def __call__(self, t: jax.Array) -> jax.Array:
     features = timestep_embedding(t, self.freq_dim, freq_shift=self.freq_shift)
@@ -142,7 +150,7 @@ class LabelEmbedder(nnx.Module):
     self.dropout_prob = dropout_prob
     rows = num_classes + int(dropout_prob > 0)
     self.embedding_table = nnx.Embed(rows, hidden_size, param_dtype=param_dtype, embedding_init=normal_002,
-                                     rngs=rngs)
+                                     rngs=rngs, embedding_metadata=logical(None, "embed"))
 
   def token_drop(self, labels: jax.Array, key: jax.Array | None, force_drop_ids: jax.Array | None) -> jax.Array:
     if force_drop_ids is not None:
@@ -170,8 +178,8 @@ class Attention(nnx.Module):
       raise ValueError(f"hidden size {hidden_size} is not divisible by num_heads {num_heads}")
     self.num_heads = num_heads
     self.implementation = implementation
-    self.qkv = linear(hidden_size, 3 * hidden_size, rngs, dtype=dtype, param_dtype=param_dtype)
-    self.proj = linear(hidden_size, hidden_size, rngs, dtype=dtype, param_dtype=param_dtype)
+    self.qkv = linear(hidden_size, 3 * hidden_size, rngs, dtype=dtype, param_dtype=param_dtype, axes=("embed", "heads"))
+    self.proj = linear(hidden_size, hidden_size, rngs, dtype=dtype, param_dtype=param_dtype, axes=("heads", "embed"))
 
   def __call__(self, x: jax.Array) -> jax.Array:
     b, t, d = x.shape
@@ -184,8 +192,8 @@ class Mlp(nnx.Module):
   """fc1 -> GELU(tanh) -> fc2: (B, T, D) -> (B, T, D)."""
 
   def __init__(self, hidden_size: int, mlp_hidden: int, rngs: nnx.Rngs, *, dtype, param_dtype):
-    self.fc1 = linear(hidden_size, mlp_hidden, rngs, dtype=dtype, param_dtype=param_dtype)
-    self.fc2 = linear(mlp_hidden, hidden_size, rngs, dtype=dtype, param_dtype=param_dtype)
+    self.fc1 = linear(hidden_size, mlp_hidden, rngs, dtype=dtype, param_dtype=param_dtype, axes=("embed", "mlp"))
+    self.fc2 = linear(mlp_hidden, hidden_size, rngs, dtype=dtype, param_dtype=param_dtype, axes=("mlp", "embed"))
 
   def __call__(self, x: jax.Array) -> jax.Array:
     return self.fc2(jax.nn.gelu(self.fc1(x), approximate=True))
