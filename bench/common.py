@@ -43,12 +43,12 @@ def forward_flops(cfg: DiTConfig) -> float:
   return flops_per_image(cfg)
 
 
-def build_pair(name: str):
+def build_pair(name: str, learn_sigma: bool = True):
   from diffusers import DiTTransformer2DModel
 
-  cfg = dit_config(name, convention="diffusers")
+  cfg = dit_config(name, convention="diffusers", learn_sigma=learn_sigma)
   ref = DiTTransformer2DModel(num_attention_heads=cfg.num_heads, attention_head_dim=cfg.hidden_size // cfg.num_heads,
-                              in_channels=4, out_channels=8, num_layers=cfg.depth, sample_size=32,
+                              in_channels=4, out_channels=cfg.out_channels, num_layers=cfg.depth, sample_size=32,
                               patch_size=cfg.patch_size, num_embeds_ada_norm=1000).eval()
   tensors = {k: to_numpy(v) for k, v in ref.state_dict().items()}
   first = "transformer_blocks.0.norm1.emb."

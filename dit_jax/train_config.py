@@ -40,8 +40,8 @@ def default_config() -> ml_collections.ConfigDict:
                                                  process_id=-1))
 
   # Data (see dit_jax.data).
-  c.data = ml_collections.ConfigDict(dict(source="digits", name="", split="train", data_dir="", manual_dir="",
-                                          folder="", image_size=8, random_flip=False, channels=0))
+  from dit_jax.data import default_data_config
+  c.data = default_data_config()
 
   # Bookkeeping.
   c.log_every_steps = 100
