@@ -67,7 +67,8 @@ def build_model(config: ml_collections.ConfigDict, rngs: nnx.Rngs) -> DiT:
 def learning_rate(config: ml_collections.ConfigDict) -> optax.Schedule:
   o = config.optimizer
   if o.schedule == "cosine":
-    return optax.warmup_cosine_decay_schedule(0.0, o.lr, max(o.warmup_steps, 1), config.total_steps, o.min_lr)
+    warmup = max(o.warmup_steps, 1)
+    return optax.warmup_cosine_decay_schedule(0.0, o.lr, warmup, max(config.total_steps, warmup + 1), o.min_lr)
   if o.warmup_steps:
     return optax.join_schedules([optax.linear_schedule(0.0, o.lr, o.warmup_steps), optax.constant_schedule(o.lr)],
                                 [o.warmup_steps])
