@@ -6,8 +6,9 @@
   python sample.py --checkpoint ckpt/dit-xl2-256 --num-samples 50000 --batch-size 64 --cfg-scale 1.5 \\
       --cfg-mode dit --out samples.npz        # resumable: re-run the same command after an interruption
 
-Without a VAE (not yet bundled) the model's own space is written (for 4-channel latents the PNG shows the first
-three channels). User errors are reported in one line with exit status 2.
+Latents are decoded through the checkpoint's bundled VAE (tools/convert_torch.py bundles a pipeline's vae/ or
+--vae SRC), or --vae DIR. Without one the model's own space is written (for 4-channel latents the PNG shows the
+first three channels). User errors are reported in one line with exit status 2.
 """
 from __future__ import annotations
 
@@ -45,6 +46,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--zoom", type=int, default=1, help="enlarge each image by this factor in the PNG (nearest)")
   p.add_argument("--bf16", action="store_true", help="bf16 compute")
   p.add_argument("--keep-shards", action="store_true", help="keep per-batch shards after writing the .npz")
+  p.add_argument("--vae", default=None, help="VAE checkpoint to decode with (default: the checkpoint's bundled vae/)")
+  p.add_argument("--no-vae", action="store_true", help="write the model's latent space even if a VAE is bundled")
   return p.parse_args(argv)
 
 
@@ -78,7 +81,13 @@ def run(args: argparse.Namespace) -> str:
   interval = tuple(float(v) for v in args.guidance_interval.split(",")) if args.guidance_interval else None
   if interval is not None and len(interval) != 2:
     raise ValueError("--guidance-interval takes two numbers: lo,hi")
-  model = dit_jax.load(args.checkpoint, dtype=jnp.bfloat16 if args.bf16 else jnp.float32)
+  dtype = jnp.bfloat16 if args.bf16 else jnp.float32
+  model = dit_jax.load(args.checkpoint, dtype=dtype)
+  decode = None
+  vae_dir = args.vae or (pathlib.Path(args.checkpoint) / "vae" if (pathlib.Path(args.checkpoint) / "vae").is_dir()
+                         else None)
+  if vae_dir is not None and not args.no_vae:
+    decode = sampling.vae_decoder(dit_jax.load_vae(vae_dir, dtype=dtype))
   if labels is not None:
     from dit_jax.diffusion.samplers import check_labels
     check_labels(labels, model.config.num_classes)
@@ -87,11 +96,11 @@ def run(args: argparse.Namespace) -> str:
             flow_convention=args.flow_convention)
   out.parent.mkdir(parents=True, exist_ok=True)
   if out.suffix == ".png":
-    images = sampling.generate_batch(model, labels, args.seed, 0, **kw)
+    images = sampling.generate_batch(model, labels, args.seed, 0, decode, **kw)
     images = sampling.displayable(images).repeat(args.zoom, axis=1).repeat(args.zoom, axis=2)
     sampling.save_png(out, sampling.image_grid(images, args.nrow))
     return f"wrote {out} ({len(labels)} samples)"
-  sampling.sample_to_npz(model, out, args.num_samples, args.batch_size, args.seed, labels=labels,
+  sampling.sample_to_npz(model, out, args.num_samples, args.batch_size, args.seed, labels=labels, decode=decode,
                          keep_shards=args.keep_shards, **kw)
   return f"wrote {out} ({args.num_samples} samples)"
 

@@ -2,13 +2,14 @@
 
 Public API:
   load(path, dtype=jnp.float32)  -> NNX model from a checkpoint directory (``model.config``)
+  load_vae(path)                 -> the AutoencoderKL of a VAE checkpoint or of a model directory bundling one
   save(model, out_dir)           -> write a checkpoint directory
   sample(model, labels, key, *, method, steps, cfg_scale, ...) -> final latents (jitted sampling loop)
   DiT, DiTConfig, dit_config     -> the model, its config and the paper's named configs (CONFIGS)
 """
-from dit_jax.checkpoint import CheckpointError, load, save
+from dit_jax.checkpoint import CheckpointError, load, load_vae, save
 from dit_jax.diffusion.samplers import sample
 from dit_jax.models.dit import CONFIGS, CONVENTIONS, DiT, DiTConfig, dit_config
 
 __version__ = "0.1.0"
-__all__ = ["CONFIGS", "CONVENTIONS", "CheckpointError", "DiT", "DiTConfig", "dit_config", "load", "sample", "save"]
+__all__ = ["CONFIGS", "CONVENTIONS", "CheckpointError", "DiT", "DiTConfig", "dit_config", "load", "load_vae", "sample", "save"]

@@ -19,10 +19,12 @@ import numpy as np
 from flax import nnx
 
 from dit_jax.models.dit import DiT, DiTConfig
+from dit_jax.models.vae import AutoencoderKL, VAEConfig
 
 FORMAT_VERSION = 1
 META = "dit_jax.json"
-KINDS = {"dit": (DiT, DiTConfig)}
+KINDS = {"dit": (DiT, DiTConfig), "vae": (AutoencoderKL, VAEConfig)}
+BUNDLED_VAE = "vae"  # a DiT checkpoint directory may carry its VAE as a checkpoint in this subdirectory
 
 
 class CheckpointError(ValueError):
@@ -56,15 +58,28 @@ def _checkpointer():
   return ocp.StandardCheckpointer()
 
 
-def save(model: nnx.Module, out_dir: str | os.PathLike, *, kind: str = "dit", overwrite: bool = False,
-         extra: dict[str, Any] | None = None) -> pathlib.Path:
-  """Write ``model`` (config + all parameters, including frozen tables) as a checkpoint directory."""
-  meta = {"format_version": FORMAT_VERSION, "kind": kind, "config": model.config.to_dict(), **(extra or {})}
+def kind_of(model: nnx.Module) -> str:
+  return next(k for k, (cls, _) in KINDS.items() if isinstance(model, cls))
+
+
+def _write(model: nnx.Module, directory: pathlib.Path, extra: dict[str, Any] | None) -> None:
+  meta = {"format_version": FORMAT_VERSION, "kind": kind_of(model), "config": model.config.to_dict(), **(extra or {})}
+  directory.mkdir(parents=True, exist_ok=True)
+  (directory / META).write_text(json.dumps(meta, indent=2) + "\n")
+  ckptr = _checkpointer()
+  ckptr.save(directory / "params", nnx.state(model))
+  ckptr.wait_until_finished()
+
+
+def save(model: nnx.Module, out_dir: str | os.PathLike, *, overwrite: bool = False,
+         extra: dict[str, Any] | None = None, vae: nnx.Module | None = None,
+         vae_extra: dict[str, Any] | None = None) -> pathlib.Path:
+  """Write ``model`` (config + all parameters, including frozen tables) as a checkpoint directory; ``vae`` is
+  bundled as ``<out_dir>/vae`` so samplers can decode to images."""
   with atomic_directory(out_dir, overwrite) as tmp:
-    (tmp / META).write_text(json.dumps(meta, indent=2) + "\n")
-    ckptr = _checkpointer()
-    ckptr.save(tmp / "params", nnx.state(model))
-    ckptr.wait_until_finished()
+    _write(model, tmp, extra)
+    if vae is not None:
+      _write(vae, tmp / BUNDLED_VAE, vae_extra)
   return pathlib.Path(out_dir)
 
 
@@ -105,7 +120,7 @@ def load(path: str | os.PathLike, dtype=jnp.float32, *, param_dtype=jnp.float32,
   abstract = nnx.eval_shape(lambda: module_cls(config, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype,
                                                attention_impl=attention_impl))
   if "training" in meta:
-    return _load_training_ema(path, abstract, meta)
+    return _load_training_ema(path, abstract, meta)  # a training workdir: its latest EMA weights
   graphdef, abstract_state = nnx.split(abstract)
   try:
     state = _checkpointer().restore(path / "params", abstract_state)
@@ -113,6 +128,16 @@ def load(path: str | os.PathLike, dtype=jnp.float32, *, param_dtype=jnp.float32,
     first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     raise CheckpointError(f"{path / 'params'} cannot be restored ({first})") from None
   return nnx.merge(graphdef, state)
+
+
+def load_vae(path: str | os.PathLike, dtype=jnp.float32, *, param_dtype=jnp.float32,
+             attention_impl: str = "auto") -> AutoencoderKL:
+  """A VAE from a VAE checkpoint directory or from a model directory that bundles one (``<path>/vae``)."""
+  path = pathlib.Path(path)
+  for candidate in (path, path / BUNDLED_VAE):
+    if (candidate / META).exists() and read_meta(candidate)["kind"] == "vae":
+      return load(candidate, dtype, param_dtype=param_dtype, attention_impl=attention_impl)
+  raise CheckpointError(f"{path} holds no VAE (neither a VAE checkpoint nor a bundled {BUNDLED_VAE}/ directory)")
 
 
 def _load_training_ema(path: pathlib.Path, abstract: nnx.Module, meta: dict[str, Any]) -> nnx.Module:

@@ -80,6 +80,20 @@ def save_png(path: str | os.PathLike, grid: np.ndarray) -> None:
   _atomic_write(path, lambda p: image.save(p, format="PNG"))
 
 
+def vae_decoder(vae) -> Decoder:
+  """A jitted decoder from the diffusion model's (scaled) latents to images in [-1, 1]."""
+  from flax import nnx
+
+  graphdef, state = nnx.split(vae)
+
+  @jax.jit
+  def decode(state, latents):
+    model = nnx.merge(graphdef, state)
+    return jax.numpy.clip(model.decode(model.unscale_latents(latents)).astype(jax.numpy.float32), -1.0, 1.0)
+
+  return lambda latents: decode(state, latents)
+
+
 def generate_batch(model, labels: np.ndarray, seed: int, batch_index: int, decode: Decoder | None = None,
                    **sample_kwargs) -> np.ndarray:
   """Sample one batch (deterministic in seed and batch index) and return uint8 images."""

@@ -3,7 +3,9 @@
 
   python tools/convert_torch.py DiT-XL-2-256x256.pt ckpt/dit_xl2_256          # original state dict
   python tools/convert_torch.py results/000-DiT-XL-2/checkpoints/0400000.pt out --weights model
-  python tools/convert_torch.py path/to/DiT-XL-2-256 ckpt/diffusers_xl2       # diffusers pipeline folder
+  python tools/convert_torch.py path/to/DiT-XL-2-256 ckpt/diffusers_xl2       # diffusers pipeline folder (+ its vae/)
+  python tools/convert_torch.py DiT-XL-2-256x256.pt ckpt/x --vae path/to/sd-vae-ft-ema   # bundle a VAE
+  python tools/convert_torch.py sd3.5_medium.safetensors ckpt/sd35-vae --vae-preset sd3  # the VAE of a single file
   python tools/convert_torch.py ckpt/dit_xl2_256 dit.safetensors --to torch [--layout original|diffusers]
 
 Errors are reported in one line on stderr with exit status 2; nothing already on disk is overwritten unless
@@ -29,8 +31,12 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--to", choices=["jax", "torch"], default="jax", help="direction (default: jax)")
   p.add_argument("--format", dest="layout", default="auto", choices=["auto", "original", "diffusers"],
                  help="source key layout (import; default: auto-detect)")
-  p.add_argument("--layout", dest="export_layout", default="original", choices=["original", "diffusers"],
-                 help="key layout of the exported safetensors (--to torch; default: original)")
+  p.add_argument("--layout", dest="export_layout", default="original", choices=["original", "diffusers", "ldm"],
+                 help="key layout of the exported safetensors (--to torch; default: original, i.e. ldm for a VAE)")
+  p.add_argument("--vae", default=None, help="a VAE (diffusers folder / file, LDM or SD single file) to bundle")
+  p.add_argument("--no-vae", action="store_true", help="do not bundle a pipeline folder's vae/")
+  p.add_argument("--vae-preset", default=None,
+                 help="latent scale preset when the VAE source records none: sd-vae-ft-ema, sdxl, sd3, flux, ...")
   p.add_argument("--weights", choices=["ema", "model"], default=None,
                  help="which weights of a DiT training checkpoint to import (default: ema)")
   p.add_argument("--num-heads", type=int, default=None, help="attention heads, if not inferable")
@@ -53,9 +59,16 @@ def main(argv=None) -> int:
       print(f"wrote {path} ({args.export_layout} layout)")
     else:
       cfg = convert(args.src, args.out, layout=args.layout, weights=args.weights, num_heads=args.num_heads,
-                    input_size=args.input_size, num_classes=args.num_classes, overwrite=args.overwrite)
-      print(f"wrote {args.out}: DiT depth={cfg.depth} hidden={cfg.hidden_size} heads={cfg.num_heads} "
-            f"patch={cfg.patch_size} input={cfg.input_size} classes={cfg.num_classes} learn_sigma={cfg.learn_sigma}")
+                    input_size=args.input_size, num_classes=args.num_classes, vae=args.vae,
+                    bundle_vae=not args.no_vae, vae_preset=args.vae_preset, overwrite=args.overwrite)
+      if hasattr(cfg, "depth"):
+        bundled = " + bundled VAE" if (pathlib.Path(args.out) / "vae").is_dir() else ""
+        print(f"wrote {args.out}: DiT depth={cfg.depth} hidden={cfg.hidden_size} heads={cfg.num_heads} "
+              f"patch={cfg.patch_size} input={cfg.input_size} classes={cfg.num_classes} "
+              f"learn_sigma={cfg.learn_sigma}{bundled}")
+      else:
+        print(f"wrote {args.out}: VAE channels={cfg.block_out_channels} latent={cfg.latent_channels} "
+              f"scale={cfg.scaling_factor} shift={cfg.shift_factor}")
   except (ConversionError, CheckpointError, FileNotFoundError, PermissionError, IsADirectoryError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

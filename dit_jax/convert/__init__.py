@@ -16,7 +16,7 @@ import numpy as np
 from flax import nnx
 
 from dit_jax import checkpoint
-from dit_jax.convert import tables
+from dit_jax.convert import tables, vae_tables
 from dit_jax.convert.readers import ConversionError, Source, from_numpy, read_source
 from dit_jax.models.dit import CONVENTIONS, SIZES, DiT, DiTConfig
 
@@ -162,28 +162,66 @@ def convert_state_dict(tensors: dict[str, np.ndarray], cfg: DiTConfig, layout: s
   return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
+def _source_meta(src, source: Source, layout: str) -> dict[str, Any]:
+  dtypes = sorted({str(a.dtype) for a in source.tensors.values()})
+  return {"source": {"path": str(src), "layout": layout, "description": source.description,
+                     "dtype": dtypes[0] if len(dtypes) == 1 else "float32"}}
+
+
+def _is_vae(tensors: dict[str, np.ndarray]) -> bool:
+  keys = vae_tables.select_vae_tensors(tensors)
+  return any(k.startswith(("encoder.down_blocks.", "encoder.down.")) for k in keys)
+
+
+def convert_vae(src: str | os.PathLike, *, preset: str | None = None, scaling_factor: float | None = None,
+                shift_factor: float | None = None):
+  """(AutoencoderKL, meta) from a diffusers AutoencoderKL folder / safetensors or an LDM / SD single file
+  (``first_stage_model.*`` keys are taken from a full checkpoint, everything else in it is left alone)."""
+  source = read_source(src)
+  tensors = vae_tables.select_vae_tensors(source.tensors)
+  found = vae_tables.detect_vae_layout(tensors)
+  cfg = vae_tables.infer_vae_config(tensors, found, source.diffusers_config, preset=preset,
+                                    scaling_factor=scaling_factor, shift_factor=shift_factor)
+  return vae_tables.convert_vae_state_dict(tensors, cfg, found), _source_meta(src, Source(tensors, source.description),
+                                                                               found)
+
+
 def convert(src: str | os.PathLike, out_dir: str | os.PathLike, *, layout: str = "auto", weights: str | None = None,
             num_heads: int | None = None, input_size: int | None = None, num_classes: int | None = None,
-            overwrite: bool = False) -> DiTConfig:
-  """Convert a PyTorch DiT checkpoint into a dit_jax checkpoint directory; returns the config.
+            vae: str | os.PathLike | None = None, bundle_vae: bool = True, vae_preset: str | None = None,
+            overwrite: bool = False):
+  """Convert a PyTorch DiT or VAE checkpoint into a dit_jax checkpoint directory; returns the model config.
 
   Args:
-    src: original ``.pt``/``.safetensors`` state dict or training checkpoint, or a diffusers folder / file.
+    src: a DiT (original ``.pt``/``.safetensors`` state dict or training checkpoint, diffusers folder or file, or
+      a DiTPipeline folder) or a VAE (diffusers AutoencoderKL folder / file, LDM / SD single file).
     out_dir: checkpoint directory to write (must not exist or be empty unless ``overwrite``).
-    layout: 'auto' | 'original' | 'diffusers'.
+    layout: DiT key layout: 'auto' | 'original' | 'diffusers'.
     weights: training checkpoints only: 'ema' (default) or 'model'.
+    vae: a VAE source to bundle with a DiT (``<out_dir>/vae``); by default a pipeline folder's ``vae/`` is
+      bundled (``bundle_vae=False`` to skip).
+    vae_preset: 'sd-vae-ft-ema', 'sdxl', 'sd3', 'flux', ... for latent scales a source does not record.
   """
   source: Source = read_source(src, weights)
+  if layout == "auto" and _is_vae(source.tensors) and "x_embedder.proj.weight" not in source.tensors:
+    model, meta = convert_vae(src, preset=vae_preset)
+    checkpoint.save(model, out_dir, overwrite=overwrite, extra=meta)
+    return model.config
   found = detect_layout(source.tensors)
   if layout not in ("auto", found):
     raise ConversionError(f"{src} is in the {found} layout, not {layout}")
   cfg = infer_config(source.tensors, found, source.diffusers_config, num_heads=num_heads, input_size=input_size,
                      num_classes=num_classes)
   model = convert_state_dict(source.tensors, cfg, found)
-  dtypes = sorted({str(a.dtype) for a in source.tensors.values()})
-  checkpoint.save(model, out_dir, overwrite=overwrite,
-                  extra={"source": {"path": str(src), "layout": found, "description": source.description,
-                                    "dtype": dtypes[0] if len(dtypes) == 1 else "float32"}})
+  pipeline_vae = pathlib.Path(src) / "vae"
+  if vae is None and bundle_vae and pipeline_vae.is_dir():
+    vae = pipeline_vae
+  vae_model, vae_meta = convert_vae(vae, preset=vae_preset) if vae is not None and bundle_vae else (None, None)
+  if vae_model is not None and vae_model.config.latent_channels != cfg.in_channels:
+    raise ConversionError(f"the VAE has {vae_model.config.latent_channels} latent channels, the DiT takes "
+                          f"{cfg.in_channels}")
+  checkpoint.save(model, out_dir, overwrite=overwrite, extra=_source_meta(src, source, found), vae=vae_model,
+                  vae_extra=vae_meta)
   return cfg
 
 
@@ -196,8 +234,6 @@ def export(ckpt_dir: str | os.PathLike, out_file: str | os.PathLike, *, layout: 
   """
   from safetensors.torch import save_file
 
-  if layout not in tables.TABLES:
-    raise ConversionError(f"unknown layout {layout!r}; choose one of {', '.join(tables.TABLES)}")
   out = pathlib.Path(out_file)
   if out.exists() and not overwrite:
     raise ConversionError(f"{out} already exists (use --overwrite to replace it)")
@@ -208,12 +244,18 @@ def export(ckpt_dir: str | os.PathLike, out_file: str | os.PathLike, *, layout: 
     np_dtype = jnp.dtype(dtype)
   except TypeError:
     raise ConversionError(f"unknown dtype {dtype!r}") from None
-  params = checkpoint.flat_params(model)
-  tensors = {}
-  for rule in tables.TABLES[layout](model.config):
-    value = tables.OPS[rule.op][1](params[rule.target], model.config)
-    for key, part in zip(rule.sources, tables.split_target(rule, value)):
-      tensors[key] = from_numpy(np.ascontiguousarray(part.astype(np_dtype)))
+  if meta["kind"] == "vae":
+    layout = "ldm" if layout == "original" else layout
+    arrays = vae_tables.export_vae_state_dict(model, layout)
+  else:
+    if layout not in tables.TABLES:
+      raise ConversionError(f"unknown DiT layout {layout!r}; choose one of {', '.join(tables.TABLES)}")
+    params = checkpoint.flat_params(model)
+    arrays = {}
+    for rule in tables.TABLES[layout](model.config):
+      value = tables.OPS[rule.op][1](params[rule.target], model.config)
+      arrays.update(zip(rule.sources, tables.split_target(rule, value)))
+  tensors = {k: from_numpy(np.ascontiguousarray(v.astype(np_dtype))) for k, v in arrays.items()}
   tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
   try:
     save_file(tensors, str(tmp), metadata={"format": "pt", "dit_jax_layout": layout})
