@@ -7,34 +7,38 @@
 
 Sources (``len``, ``source[i] -> {"image": uint8 (H, W, C), "label": int}``): DigitsSource (scikit-learn's 8x8
 digits, the embedded demo), FolderSource (ImageFolder layout), TfdsSource (any prepared TFDS image dataset).
+LatentSource (source "latents") reads VAE latent shards of ``tools/encode_latents.py`` and serves scaled latents
+(h, w, C) with a fresh flip and posterior sample per use; image_size is then unused.
 """
 from __future__ import annotations
 
 import ml_collections
 
+from dit_jax.data.latents import LatentSource
 from dit_jax.data.loader import Loader
 from dit_jax.data.sources import CorruptImage, DigitsSource, FolderSource, decode_image
 from dit_jax.data.tfds_source import TfdsSource
 from dit_jax.data.transforms import center_crop_arr, preprocess
 
-SOURCES = ("digits", "folder", "tfds")
+SOURCES = ("digits", "folder", "tfds", "latents")
 
-__all__ = ["SOURCES", "CorruptImage", "DigitsSource", "FolderSource", "Loader", "TfdsSource", "center_crop_arr",
-           "decode_image", "default_data_config", "make_loader", "make_source", "num_classes_of", "preprocess"]
+__all__ = ["SOURCES", "CorruptImage", "DigitsSource", "FolderSource", "LatentSource", "Loader", "TfdsSource",
+           "center_crop_arr", "decode_image", "default_data_config", "make_loader", "make_source", "num_classes_of",
+           "preprocess"]
 
 
 def default_data_config() -> ml_collections.ConfigDict:
   """The data section of a training config: the digits demo at 8x8, without flips (a flipped digit is another
   symbol). Empty strings mean "not set". For ImageNet as in DiT: source "folder" (or "tfds" with name
-  "imagenet2012"), image_size 256, random_flip True."""
+  "imagenet2012"), image_size 256, random_flip True; or source "latents" with folder = a latent directory."""
   return ml_collections.ConfigDict({
-      "source": "digits",   # "digits" | "folder" | "tfds"
+      "source": "digits",   # "digits" | "folder" | "tfds" | "latents"
       "name": "",           # TFDS dataset name, e.g. "imagenet2012"
       "split": "train",     # TFDS split, slices allowed ("train[:10%]")
       "data_dir": "",       # TFDS data_dir ("" = TFDS's default)
       "manual_dir": "",     # TFDS manual download dir; given and not prepared -> prepare (array_record)
       "download": False,    # TFDS: download and prepare when not prepared
-      "folder": "",         # ImageFolder root for source "folder"
+      "folder": "",         # ImageFolder root for source "folder"; latent directory for source "latents"
       "image_size": 8,
       "random_flip": False,
       "shuffle": True,
@@ -58,6 +62,10 @@ def make_source(data_config):
     return TfdsSource(data_config.name, split=data_config.get("split") or "train",
                       data_dir=data_config.get("data_dir") or None, manual_dir=data_config.get("manual_dir") or None,
                       download=bool(data_config.get("download", False)))
+  if kind == "latents":
+    if not data_config.get("folder"):
+      raise ValueError("data.source 'latents' needs data.folder (a directory written by tools/encode_latents.py)")
+    return LatentSource(data_config.folder)
   raise ValueError(f"unknown data.source {kind!r}; choose one of {', '.join(SOURCES)}")
 
 

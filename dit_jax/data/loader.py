@@ -36,6 +36,9 @@ class Loader:
 
   Args:
     source: ``len(source)``, ``source[i] -> {"image": uint8 (H, W, C), "label": int}``; may raise CorruptImage.
+      A source with ``transform(item, *, flip, seed, epoch, index) -> float32 item_shape`` and ``item_shape``
+      makes its own inputs instead of ``preprocess`` (e.g. :class:`~dit_jax.data.latents.LatentSource`);
+      image_size and channels are then unused.
     global_batch_size: G, summed over the P = process_count hosts; must be divisible by P.
     seed: fixes the order and the flips of every epoch.
     image_size: S; images go through the ADM centre crop (see ``transforms.preprocess``).
@@ -66,6 +69,8 @@ class Loader:
     self.shuffle, self.random_flip, self.drop_remainder = shuffle, random_flip, drop_remainder
     self.channels = channels or getattr(source, "channels", None) or first_readable(source)["image"].shape[-1]
     self.num_items = n
+    self._transform = getattr(source, "transform", None)
+    self._shape = tuple(source.item_shape) if self._transform else None
     self.steps_per_epoch = n // global_batch_size if drop_remainder else -(-n // global_batch_size)
     workers = min(8, os.cpu_count() or 1) if num_workers is None else num_workers
     self._pool = concurrent.futures.ThreadPoolExecutor(workers, "dit_jax-data") if workers > 0 else None
@@ -175,7 +180,7 @@ class Loader:
   def _load(self, perm: np.ndarray, epoch: int, positions: np.ndarray):
     """Positions of the epoch -> (images, labels, skipped, corrupt first choices)."""
     n, s, c = self.num_items, self.image_size, self.channels
-    images = np.empty((len(positions), s, s, c), np.float32)
+    images = np.empty((len(positions), *(self._shape or (s, s, c))), np.float32)
     labels = np.empty((len(positions),), np.int32)
     skipped = first = 0
     for row, j in enumerate(positions):
@@ -189,7 +194,11 @@ class Loader:
       else:
         raise RuntimeError(f"more than half of the {n} items are corrupt ({n // 2 + 1} in a row from position {j} of "
                            f"epoch {epoch})")
-      images[row] = preprocess(item["image"], s, self.flip(epoch, index), c)
+      flip = self.flip(epoch, index)
+      if self._transform:
+        images[row] = self._transform(item, flip=flip, seed=self.seed, epoch=epoch, index=index)
+      else:
+        images[row] = preprocess(item["image"], s, flip, c)
       labels[row] = item["label"]
     return images, labels, skipped, first
 
