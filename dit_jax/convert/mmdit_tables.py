@@ -1,0 +1,287 @@
+"""Key table for diffusers ``SD3Transformer2DModel`` (SD3 Medium, SD3.5 Medium / Large) -> :class:`MMDiT`.
+
+The JAX model keeps Stability's module names and fused qkv: diffusers' ``to_q/to_k/to_v`` (image stream) and
+``add_q_proj/add_k_proj/add_v_proj`` (context stream) are concatenated along torch's output axis, and
+``AdaLayerNormContinuous`` projections (``norm_out`` and the last block's ``norm1_context``), stored by diffusers
+in (scale, shift) order, are swapped into Stability's (shift, scale). Every op has an exact inverse
+(:func:`export_mmdit_state_dict`). The stored ``pos_embed.pos_embed`` buffer is imported verbatim.
+"""
+from __future__ import annotations
+
+import re
+from typing import Any, Callable
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from dit_jax.convert.readers import ConversionError
+from dit_jax.convert.tables import OPS as DIT_OPS
+from dit_jax.convert.tables import Path, Rule, merge_sources, split_target
+from dit_jax.models.mmdit import MMDiT, MMDiTConfig
+
+
+def _swap_halves(a: np.ndarray) -> np.ndarray:
+  first, second = np.split(a, 2, axis=0)
+  return np.concatenate([second, first], axis=0)
+
+
+# op -> (torch -> jax, jax -> torch); DiT's ops plus the (scale, shift) <-> (shift, scale) swaps.
+OPS: dict[str, tuple[Callable, Callable]] = {
+    **DIT_OPS,
+    "swapT": (lambda a: _swap_halves(a).T, lambda a, cfg: _swap_halves(a.T)),
+    "swap": (_swap_halves, lambda a, cfg: _swap_halves(a)),
+}
+
+_MAX_LISTED = 4
+
+
+def _listing(keys) -> str:
+  keys = sorted(keys)
+  more = f" (+{len(keys) - _MAX_LISTED} more)" if len(keys) > _MAX_LISTED else ""
+  return ", ".join(keys[:_MAX_LISTED]) + more
+
+
+def _linear(target: Path, source: str, *, swap: bool = False) -> list[Rule]:
+  return [Rule(target + ("kernel",), (f"{source}.weight",), "swapT" if swap else "T"),
+          Rule(target + ("bias",), (f"{source}.bias",), "swap" if swap else "copy")]
+
+
+def _fused(target: Path, sources: tuple[str, ...]) -> list[Rule]:
+  return [Rule(target + ("kernel",), tuple(f"{s}.weight" for s in sources), "T", "concat"),
+          Rule(target + ("bias",), tuple(f"{s}.bias" for s in sources), "copy", "concat")]
+
+
+def diffusers_mmdit_table(cfg: MMDiTConfig) -> list[Rule]:
+  """diffusers ``SD3Transformer2DModel`` state dict."""
+  rules = [
+      Rule(("pos_embed",), ("pos_embed.pos_embed",), "batch1"),
+      Rule(("x_embedder", "proj", "kernel"), ("pos_embed.proj.weight",), "patch"),
+      Rule(("x_embedder", "proj", "bias"), ("pos_embed.proj.bias",)),
+      *_linear(("t_embedder", "fc1"), "time_text_embed.timestep_embedder.linear_1"),
+      *_linear(("t_embedder", "fc2"), "time_text_embed.timestep_embedder.linear_2"),
+      *_linear(("y_embedder", "fc1"), "time_text_embed.text_embedder.linear_1"),
+      *_linear(("y_embedder", "fc2"), "time_text_embed.text_embedder.linear_2"),
+      *_linear(("context_embedder",), "context_embedder"),
+  ]
+  for i in range(cfg.num_layers):
+    tb, dst = f"transformer_blocks.{i}", ("joint_blocks", i)
+    x, ctx = dst + ("x_block",), dst + ("context_block",)
+    pre_only = i == cfg.num_layers - 1
+    # image stream
+    rules += _linear(x + ("adaLN_modulation",), f"{tb}.norm1.linear")
+    rules += _fused(x + ("attn", "qkv"), tuple(f"{tb}.attn.to_{c}" for c in "qkv"))
+    rules += _linear(x + ("attn", "proj"), f"{tb}.attn.to_out.0")
+    rules += _linear(x + ("mlp", "fc1"), f"{tb}.ff.net.0.proj")
+    rules += _linear(x + ("mlp", "fc2"), f"{tb}.ff.net.2")
+    if cfg.qk_norm:
+      rules += [Rule(x + ("attn", "ln_q", "scale"), (f"{tb}.attn.norm_q.weight",)),
+                Rule(x + ("attn", "ln_k", "scale"), (f"{tb}.attn.norm_k.weight",))]
+    if i in cfg.dual_attention_layers:
+      rules += _fused(x + ("attn2", "qkv"), tuple(f"{tb}.attn2.to_{c}" for c in "qkv"))
+      rules += _linear(x + ("attn2", "proj"), f"{tb}.attn2.to_out.0")
+      if cfg.qk_norm:
+        rules += [Rule(x + ("attn2", "ln_q", "scale"), (f"{tb}.attn2.norm_q.weight",)),
+                  Rule(x + ("attn2", "ln_k", "scale"), (f"{tb}.attn2.norm_k.weight",))]
+    # context stream
+    rules += _linear(ctx + ("adaLN_modulation",), f"{tb}.norm1_context.linear", swap=pre_only)
+    rules += _fused(ctx + ("attn", "qkv"), tuple(f"{tb}.attn.add_{c}_proj" for c in "qkv"))
+    if cfg.qk_norm:
+      rules += [Rule(ctx + ("attn", "ln_q", "scale"), (f"{tb}.attn.norm_added_q.weight",)),
+                Rule(ctx + ("attn", "ln_k", "scale"), (f"{tb}.attn.norm_added_k.weight",))]
+    if not pre_only:
+      rules += _linear(ctx + ("attn", "proj"), f"{tb}.attn.to_add_out")
+      rules += _linear(ctx + ("mlp", "fc1"), f"{tb}.ff_context.net.0.proj")
+      rules += _linear(ctx + ("mlp", "fc2"), f"{tb}.ff_context.net.2")
+  rules += _linear(("final_layer", "adaLN_modulation"), "norm_out.linear", swap=True)
+  rules += _linear(("final_layer", "linear"), "proj_out")
+  return rules
+
+
+def stability_mmdit_table(cfg: MMDiTConfig) -> list[Rule]:
+  """Stability's single-file layout (``mmditx.py``; the ``model.diffusion_model.`` prefix stripped, see
+  :func:`strip_stability_prefix`): module names are the JAX model's own, qkv fused, (shift, scale) order."""
+  rules = [
+      Rule(("pos_embed",), ("pos_embed",), "batch1"),
+      Rule(("x_embedder", "proj", "kernel"), ("x_embedder.proj.weight",), "patch"),
+      Rule(("x_embedder", "proj", "bias"), ("x_embedder.proj.bias",)),
+      *_linear(("t_embedder", "fc1"), "t_embedder.mlp.0"),
+      *_linear(("t_embedder", "fc2"), "t_embedder.mlp.2"),
+      *_linear(("y_embedder", "fc1"), "y_embedder.mlp.0"),
+      *_linear(("y_embedder", "fc2"), "y_embedder.mlp.2"),
+      *_linear(("context_embedder",), "context_embedder"),
+  ]
+
+  def attention(dst: Path, src: str, proj: bool) -> list[Rule]:
+    out = _linear(dst + ("qkv",), f"{src}.qkv") + (_linear(dst + ("proj",), f"{src}.proj") if proj else [])
+    if cfg.qk_norm:
+      out += [Rule(dst + (n, "scale"), (f"{src}.{n}.weight",)) for n in ("ln_q", "ln_k")]
+    return out
+
+  for i in range(cfg.num_layers):
+    pre_only = i == cfg.num_layers - 1
+    for stream in ("x_block", "context_block"):
+      src, dst = f"joint_blocks.{i}.{stream}", ("joint_blocks", i, stream)
+      full = stream == "x_block" or not pre_only
+      rules += _linear(dst + ("adaLN_modulation",), f"{src}.adaLN_modulation.1")
+      rules += attention(dst + ("attn",), f"{src}.attn", full)
+      if stream == "x_block" and i in cfg.dual_attention_layers:
+        rules += attention(dst + ("attn2",), f"{src}.attn2", True)
+      if full:
+        rules += _linear(dst + ("mlp", "fc1"), f"{src}.mlp.fc1") + _linear(dst + ("mlp", "fc2"), f"{src}.mlp.fc2")
+  rules += _linear(("final_layer", "adaLN_modulation"), "final_layer.adaLN_modulation.1")
+  rules += _linear(("final_layer", "linear"), "final_layer.linear")
+  return rules
+
+
+TABLES = {"diffusers": diffusers_mmdit_table, "stability": stability_mmdit_table}
+STABILITY_PREFIX = "model.diffusion_model."
+
+
+def strip_stability_prefix(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """The MMDiT tensors of a Stability single file (``model.diffusion_model.*``; VAE / text encoders left out).
+  A dict without the prefix is returned unchanged."""
+  if not any(k.startswith(STABILITY_PREFIX) for k in tensors):
+    return tensors
+  return {k[len(STABILITY_PREFIX):]: v for k, v in tensors.items() if k.startswith(STABILITY_PREFIX)}
+
+
+def detect_mmdit_layout(tensors: dict[str, np.ndarray]) -> str:
+  """'diffusers' or 'stability' (prefix already stripped), from the key names."""
+  if "pos_embed.proj.weight" in tensors:
+    return "diffusers"
+  if "x_embedder.proj.weight" in tensors and any(k.startswith("joint_blocks.") for k in tensors):
+    return "stability"
+  raise ConversionError("not an MMDiT state dict: found neither pos_embed.proj.weight (diffusers) nor "
+                        "x_embedder.proj.weight + joint_blocks.* (stability)")
+
+
+def _source_shapes(rule: Rule, target_shape: tuple, cfg: MMDiTConfig) -> list[tuple]:
+  placeholder = np.zeros(target_shape, np.float32)
+  return [tuple(a.shape) for a in split_target(rule, OPS[rule.op][1](placeholder, cfg))]
+
+
+def _need(tensors, key):
+  if key not in tensors:
+    raise ConversionError(f"missing key {key} (cannot infer the MMDiT config)")
+  return tensors[key]
+
+
+def _block_indices(tensors, prefix: str, infix: str = "") -> list[int]:
+  return sorted({int(m.group(1)) for k in tensors if (m := re.match(rf"{re.escape(prefix)}\.(\d+)\.{infix}", k))})
+
+
+def infer_mmdit_config(tensors: dict[str, np.ndarray], diffusers_config: dict[str, Any] | None = None,
+                       **overrides) -> MMDiTConfig:
+  """MMDiTConfig from the shapes of a diffusers ``SD3Transformer2DModel`` or Stability single-file state dict
+  (diffusers' config.json only for ``sample_size``, default 128, and, without QK norm, the head split; SD3 heads
+  are 64 wide otherwise). pre-only last block, QK norm and MMDiT-X layers are detected by key presence."""
+  dcfg = diffusers_config or {}
+  tensors = strip_stability_prefix(tensors)
+  diffusers = detect_mmdit_layout(tensors) == "diffusers"
+  blocks = "transformer_blocks" if diffusers else "joint_blocks"
+  patch = _need(tensors, "pos_embed.proj.weight" if diffusers else "x_embedder.proj.weight")
+  pos = _need(tensors, "pos_embed.pos_embed" if diffusers else "pos_embed")
+  pooled = _need(tensors, "time_text_embed.text_embedder.linear_1.weight" if diffusers else "y_embedder.mlp.0.weight")
+  context = _need(tensors, "context_embedder.weight")
+  final = _need(tensors, "proj_out.weight" if diffusers else "final_layer.linear.weight")
+  layers = _block_indices(tensors, blocks)
+  if not layers:
+    raise ConversionError(f"no {blocks}.N.* keys: the checkpoint has no joint blocks")
+  if layers != list(range(len(layers))):
+    missing = sorted(set(range(layers[-1] + 1)) - set(layers))
+    raise ConversionError(f"missing keys for {blocks}.{missing[0]} (blocks are not numbered 0..{layers[-1]})")
+  hidden, in_channels, p = patch.shape[0], patch.shape[1], patch.shape[2]
+  grid = int(round(pos.shape[1] ** 0.5))
+  if pos.ndim != 3 or grid * grid != pos.shape[1]:
+    raise ConversionError(f"pos_embed.pos_embed has shape {pos.shape}, expected (1, P*P, D)")
+  out_channels, rem = divmod(final.shape[0], p * p)
+  if rem:
+    raise ConversionError(f"proj_out has {final.shape[0]} outputs: not a multiple of p*p={p * p}")
+  norm_q = tensors.get("transformer_blocks.0.attn.norm_q.weight" if diffusers
+                       else "joint_blocks.0.x_block.attn.ln_q.weight")
+  # the head split: an override, QK-norm width, config.json, else Stability's rule (heads = depth) for its own
+  # layout and 64-wide heads (every released SD3) for diffusers' state dicts
+  if overrides.get("attention_head_dim"):
+    head_dim = int(overrides["attention_head_dim"])
+  elif overrides.get("num_attention_heads"):
+    head_dim = hidden // int(overrides["num_attention_heads"])
+  elif norm_q is not None:
+    head_dim = norm_q.shape[0]
+  elif "attention_head_dim" in dcfg:
+    head_dim = int(dcfg["attention_head_dim"])
+  elif "num_attention_heads" in dcfg:
+    head_dim = hidden // int(dcfg["num_attention_heads"])
+  else:
+    head_dim = 64 if diffusers else hidden // len(layers)
+  if head_dim <= 0 or hidden % head_dim:
+    raise ConversionError(f"cannot split hidden size {hidden} into heads of width {head_dim}; pass "
+                          f"num_attention_heads")
+  overrides = {k: v for k, v in overrides.items() if k not in ("attention_head_dim", "num_attention_heads")}
+  values = dict(
+      sample_size=int(dcfg.get("sample_size", 128)), patch_size=p, in_channels=in_channels, num_layers=len(layers),
+      attention_head_dim=head_dim, num_attention_heads=hidden // head_dim,
+      joint_attention_dim=context.shape[1], caption_projection_dim=context.shape[0],
+      pooled_projection_dim=pooled.shape[1], out_channels=out_channels, pos_embed_max_size=grid,
+      qk_norm="rms_norm" if norm_q is not None else None,
+      dual_attention_layers=tuple(_block_indices(tensors, blocks, r"attn2\." if diffusers else r"x_block\.attn2\.")))
+  values.update({k: v for k, v in overrides.items() if v is not None})
+  try:
+    return MMDiTConfig(**values)
+  except (ValueError, TypeError) as e:
+    raise ConversionError(str(e)) from None
+
+
+def convert_mmdit_state_dict(tensors: dict[str, np.ndarray], cfg: MMDiTConfig, layout: str = "auto", *,
+                             dtype=jnp.float32, param_dtype=jnp.float32, attention_impl: str = "auto") -> MMDiT:
+  """Apply the layout's key table strictly: every source key used, every parameter filled, shapes checked.
+  ``layout``: 'auto' | 'diffusers' | 'stability' (a ``model.diffusion_model.`` prefix is stripped first)."""
+  tensors = strip_stability_prefix(tensors)
+  layout = detect_mmdit_layout(tensors) if layout == "auto" else layout
+  if layout not in TABLES:
+    raise ConversionError(f"unknown MMDiT layout {layout!r}; choose one of {', '.join(TABLES)}")
+  rules = TABLES[layout](cfg)
+  graphdef, state = nnx.split(nnx.eval_shape(lambda: MMDiT(cfg, rngs=nnx.Rngs(0), dtype=dtype,
+                                                           param_dtype=param_dtype, attention_impl=attention_impl)))
+  targets = {tuple(p): v for p, v in nnx.to_flat_state(state)}
+  values, problems, wrong_shapes = {}, [], []
+  sources = {k for r in rules for k in r.sources}
+  missing = sorted(sources - set(tensors))
+  if missing:
+    problems.append(f"missing keys: {_listing(missing)}")
+  for rule in rules:
+    if any(k not in tensors for k in rule.sources):
+      continue
+    expected = _source_shapes(rule, targets[rule.target].shape, cfg)
+    bad = [f"{k} {tuple(tensors[k].shape)}, expected {shape}" for k, shape in zip(rule.sources, expected)
+           if tuple(tensors[k].shape) != shape]
+    if bad:
+      wrong_shapes += bad
+      continue
+    values[rule.target] = OPS[rule.op][0](merge_sources(rule, [np.asarray(tensors[k]) for k in rule.sources]))
+  if wrong_shapes:
+    problems.append(f"wrong shape: {_listing(wrong_shapes)}")
+  extra = sorted(set(tensors) - sources)
+  if extra:
+    problems.append(f"unexpected keys: {_listing(extra)}")
+  unfilled = set(targets) - {r.target for r in rules}
+  if unfilled:  # a table bug, not a user error
+    raise AssertionError(f"MMDiT key table leaves parameters unfilled: {sorted(unfilled)}")
+  if problems:
+    raise ConversionError(f"{layout} MMDiT state dict does not match the inferred config: "
+                          + "; ".join(problems))
+  flat = nnx.to_flat_state(state)
+  for path, var in flat:
+    var.value = jnp.asarray(values[tuple(path)], dtype=var.value.dtype)
+  return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+def export_mmdit_state_dict(model: MMDiT, layout: str = "diffusers") -> dict[str, np.ndarray]:
+  """The exact inverse of :func:`convert_mmdit_state_dict`: the layout's key -> numpy array (Stability keys
+  without the ``model.diffusion_model.`` prefix)."""
+  params = {tuple(p): np.asarray(v.value) for p, v in nnx.to_flat_state(nnx.state(model))}
+  out = {}
+  for rule in TABLES[layout](model.config):
+    value = OPS[rule.op][1](params[rule.target], model.config)
+    out.update(zip(rule.sources, split_target(rule, value)))
+  return out

@@ -1,0 +1,286 @@
+"""MMDiT (Stable Diffusion 3 / 3.5) and MMDiT-X (SD3.5 Medium) in Flax NNX, channels-last.
+
+Module names follow Stability's ``mmditx.py`` (``x_embedder``, ``joint_blocks.N.x_block`` / ``context_block``,
+fused ``attn.qkv``, ``final_layer``) so the original single-file layout reads one-to-one; the diffusers
+``SD3Transformer2DModel`` layout is mapped onto it by :mod:`dit_jax.convert.mmdit_tables`. The numerics follow
+diffusers: joint attention over the token sequence [image, context], LayerNorm / RMSNorm statistics in float32,
+timestep features ``Timesteps(256, flip_sin_to_cos=True, downscale_freq_shift=0)`` ([cos, sin]).
+
+All adaLN projections are stored in Stability's chunk order: (shift, scale) for the final layer and the last
+(pre-only) context block; diffusers' ``AdaLayerNormContinuous`` stores (scale, shift), which the key table swaps.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from dit_jax.models import layers
+from dit_jax.models.attention import IMPLEMENTATIONS, dot_product_attention
+from dit_jax.models.dit import unpatchify
+from dit_jax.models.layers import FrozenParam, layer_norm, modulate
+
+QK_NORMS = (None, "rms_norm")
+NORM_EPS = 1e-6  # every LayerNorm (affine-free) and the QK RMSNorm
+
+
+@dataclasses.dataclass(frozen=True)
+class MMDiTConfig:
+  """Hyper-parameters of an SD3-family MMDiT, named as diffusers' ``SD3Transformer2DModel`` config.
+
+  hidden size = num_attention_heads * attention_head_dim; ``caption_projection_dim`` must equal it.
+  ``sample_size`` is the training latent side (only used for the initial sin-cos table); any latent up to
+  ``pos_embed_max_size * patch_size`` per side runs, the stored table being centre-cropped.
+  """
+
+  sample_size: int = 128
+  patch_size: int = 2
+  in_channels: int = 16
+  num_layers: int = 18
+  attention_head_dim: int = 64
+  num_attention_heads: int = 18
+  joint_attention_dim: int = 4096
+  caption_projection_dim: int = 1152
+  pooled_projection_dim: int = 2048
+  out_channels: int = 16
+  pos_embed_max_size: int = 96
+  qk_norm: str | None = None
+  dual_attention_layers: tuple[int, ...] = ()
+
+  def __post_init__(self):
+    object.__setattr__(self, "dual_attention_layers", tuple(int(i) for i in self.dual_attention_layers))
+    checks = [
+        (min(self.sample_size, self.patch_size, self.in_channels, self.num_layers, self.attention_head_dim,
+             self.num_attention_heads, self.joint_attention_dim, self.pooled_projection_dim, self.out_channels,
+             self.pos_embed_max_size) > 0, "all sizes must be positive"),
+        (self.caption_projection_dim == self.hidden_size,
+         (f"caption_projection_dim {self.caption_projection_dim} must equal num_attention_heads * "
+          f"attention_head_dim = {self.hidden_size}")),
+        (self.hidden_size % 4 == 0, f"hidden size {self.hidden_size} must be divisible by 4 (2-D sin-cos table)"),
+        (self.qk_norm in QK_NORMS, f"qk_norm {self.qk_norm!r} is not one of {QK_NORMS}"),
+        (all(0 <= i < self.num_layers for i in self.dual_attention_layers),
+         f"dual_attention_layers {self.dual_attention_layers} outside 0..{self.num_layers - 1}"),
+    ]
+    for ok, message in checks:
+      if not ok:
+        raise ValueError(f"invalid MMDiT config: {message}")
+
+  @property
+  def hidden_size(self) -> int:
+    return self.num_attention_heads * self.attention_head_dim
+
+  def to_dict(self) -> dict[str, Any]:
+    d = dataclasses.asdict(self)
+    d["dual_attention_layers"] = list(self.dual_attention_layers)
+    return d
+
+  @classmethod
+  def from_dict(cls, d: dict[str, Any]) -> MMDiTConfig:
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+      raise ValueError(f"unknown MMDiT config keys: {', '.join(unknown)}")
+    return cls(**{**d, "dual_attention_layers": tuple(d.get("dual_attention_layers", ()))})
+
+
+def pos_embed_table(dim: int, max_size: int, base_size: int) -> np.ndarray:
+  """diffusers' SD3 initial table: a (max_size, max_size) sin-cos grid whose positions are arange(P) / (P / base),
+  (P*P, dim) float32, first half of the channels = column. Released checkpoints store their own table."""
+  pos = (np.arange(max_size, dtype=np.float32) / np.float32(max_size / base_size)).astype(np.float64)
+  cols, rows = np.meshgrid(pos, pos)
+  table = np.concatenate([layers.sincos_1d(dim // 2, cols), layers.sincos_1d(dim // 2, rows)], axis=1)
+  return table.astype(np.float32)
+
+
+def crop_pos_embed(table: jax.Array, max_size: int, grid_h: int, grid_w: int) -> jax.Array:
+  """Centre crop of a (P*P, D) table to (grid_h*grid_w, D): rows from (P-h)//2, columns from (P-w)//2."""
+  if grid_h > max_size or grid_w > max_size:
+    raise ValueError(f"latent grid {grid_h}x{grid_w} exceeds pos_embed_max_size {max_size}")
+  top, left = (max_size - grid_h) // 2, (max_size - grid_w) // 2
+  grid = table.reshape(max_size, max_size, -1)[top:top + grid_h, left:left + grid_w]
+  return grid.reshape(grid_h * grid_w, -1)
+
+
+class RMSNorm(nnx.Module):
+  """Per-head RMSNorm over the last axis with a learnable scale; statistics in float32 (diffusers)."""
+
+  def __init__(self, dim: int, *, param_dtype, eps: float = NORM_EPS):
+    self.eps = eps
+    self.scale = nnx.Param(jnp.ones((dim,), param_dtype), **layers.logical(None))
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), -1, keepdims=True) + self.eps)
+    return (normed * self.scale[...].astype(jnp.float32)).astype(x.dtype)
+
+
+class StreamAttention(nnx.Module):
+  """One stream's share of an attention: fused qkv (+ per-head QK RMSNorm) and, unless ``pre_only``, the output
+  projection. qkv rows are [q | k | v], each head-major."""
+
+  def __init__(self, hidden: int, heads: int, qk_norm: str | None, pre_only: bool, rngs: nnx.Rngs, *, dtype,
+               param_dtype):
+    kw = dict(dtype=dtype, param_dtype=param_dtype)
+    self.heads = heads
+    self.qkv = layers.linear(hidden, 3 * hidden, rngs, axes=("embed", "heads"), **kw)
+    head_dim = hidden // heads
+    self.ln_q = RMSNorm(head_dim, param_dtype=param_dtype) if qk_norm else None
+    self.ln_k = RMSNorm(head_dim, param_dtype=param_dtype) if qk_norm else None
+    self.proj = None if pre_only else layers.linear(hidden, hidden, rngs, axes=("heads", "embed"), **kw)
+
+  def qkv_heads(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(B, T, D) -> q, k, v each (B, T, H, D/H)."""
+    b, t, d = x.shape
+    qkv = self.qkv(x).reshape(b, t, 3, self.heads, d // self.heads)
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    if self.ln_q is not None:
+      q, k = self.ln_q(q), self.ln_k(k)
+    return q, k, v
+
+
+class StreamBlock(nnx.Module):
+  """One stream of a joint block (Stability's DismantledBlock): adaLN-Zero modulation, attention parts, MLP.
+
+  Modulation chunks: (shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp[, shift_msa2, scale_msa2,
+  gate_msa2]); a ``pre_only`` block has (shift_msa, scale_msa) and no proj / MLP.
+  """
+
+  def __init__(self, cfg: MMDiTConfig, pre_only: bool, dual: bool, rngs: nnx.Rngs, *, dtype, param_dtype):
+    d = cfg.hidden_size
+    kw = dict(dtype=dtype, param_dtype=param_dtype)
+    self.pre_only = pre_only
+    self.dual = dual
+    self.n_mods = 2 if pre_only else 9 if dual else 6
+    self.adaLN_modulation = layers.linear(d, self.n_mods * d, rngs, kernel_init=layers.zeros, axes=("embed", "mod"),
+                                          **kw)
+    args = (d, cfg.num_attention_heads, cfg.qk_norm)
+    self.attn = StreamAttention(*args, pre_only, rngs, **kw)
+    self.attn2 = StreamAttention(*args, False, rngs, **kw) if dual else None
+    self.mlp = None if pre_only else layers.Mlp(d, 4 * d, rngs, **kw)
+
+  def modulation(self, c: jax.Array) -> list[jax.Array]:
+    return jnp.split(self.adaLN_modulation(nnx.silu(c)), self.n_mods, axis=-1)
+
+
+class JointBlock(nnx.Module):
+  """Image and context streams with separate weights, one attention over the concatenated tokens."""
+
+  def __init__(self, cfg: MMDiTConfig, index: int, rngs: nnx.Rngs, *, dtype, param_dtype, attention_impl: str):
+    kw = dict(dtype=dtype, param_dtype=param_dtype)
+    self.attention_impl = attention_impl
+    self.context_block = StreamBlock(cfg, index == cfg.num_layers - 1, False, rngs, **kw)
+    self.x_block = StreamBlock(cfg, False, index in cfg.dual_attention_layers, rngs, **kw)
+
+  def _attend(self, q, k, v):
+    b, t, h, hd = q.shape
+    return dot_product_attention(q, k, v, implementation=self.attention_impl).reshape(b, t, h * hd)
+
+  def __call__(self, x: jax.Array, context: jax.Array, c: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """x (B, N, D) image tokens, context (B, L, D), c (B, D) -> (x, context); the context is returned unchanged
+    by the last (pre-only) block, whose context output is never used."""
+    xb, cb = self.x_block, self.context_block
+    x_mods = xb.modulation(c)
+    c_mods = cb.modulation(c)
+    x_norm = layer_norm(x, NORM_EPS)
+    xq, xk, xv = xb.attn.qkv_heads(modulate(x_norm, x_mods[0], x_mods[1]))
+    cq, ck, cv = cb.attn.qkv_heads(modulate(layer_norm(context, NORM_EPS), c_mods[0], c_mods[1]))
+    n = x.shape[1]
+    # diffusers' JointAttnProcessor2_0 order: [image, context]
+    out = self._attend(jnp.concatenate([xq, cq], 1), jnp.concatenate([xk, ck], 1), jnp.concatenate([xv, cv], 1))
+    x_attn, c_attn = out[:, :n], out[:, n:]
+
+    shift_mlp, scale_mlp, gate_msa, gate_mlp = x_mods[3], x_mods[4], x_mods[2], x_mods[5]
+    x = x + gate_msa[:, None] * xb.attn.proj(x_attn)
+    if xb.dual:
+      q2, k2, v2 = xb.attn2.qkv_heads(modulate(x_norm, x_mods[6], x_mods[7]))
+      x = x + x_mods[8][:, None] * xb.attn2.proj(self._attend(q2, k2, v2))
+    x = x + gate_mlp[:, None] * xb.mlp(modulate(layer_norm(x, NORM_EPS), shift_mlp, scale_mlp))
+
+    if not cb.pre_only:
+      _, _, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = c_mods
+      context = context + c_gate_msa[:, None] * cb.attn.proj(c_attn)
+      context = context + c_gate_mlp[:, None] * cb.mlp(
+          modulate(layer_norm(context, NORM_EPS), c_shift_mlp, c_scale_mlp))
+    return x, context
+
+
+class VectorEmbedder(nnx.Module):
+  """(B, d_in) -> Linear -> SiLU -> Linear -> (B, D) (pooled text; Stability's ``y_embedder``)."""
+
+  def __init__(self, d_in: int, hidden: int, rngs: nnx.Rngs, *, dtype, param_dtype):
+    kw = dict(dtype=dtype, param_dtype=param_dtype, kernel_init=layers.normal_002)
+    self.fc1 = layers.linear(d_in, hidden, rngs, axes=(None, "embed"), **kw)
+    self.fc2 = layers.linear(hidden, hidden, rngs, axes=("embed", None), **kw)
+
+  def __call__(self, y: jax.Array) -> jax.Array:
+    return self.fc2(nnx.silu(self.fc1(y)))
+
+
+class FinalLayer(nnx.Module):
+  """adaLN (shift, scale) over an affine-free LayerNorm, then linear to patch pixels (p, q, C)."""
+
+  def __init__(self, cfg: MMDiTConfig, rngs: nnx.Rngs, *, dtype, param_dtype):
+    d = cfg.hidden_size
+    kw = dict(dtype=dtype, param_dtype=param_dtype, kernel_init=layers.zeros)
+    self.adaLN_modulation = layers.linear(d, 2 * d, rngs, axes=("embed", "mod"), **kw)
+    self.linear = layers.linear(d, cfg.patch_size**2 * cfg.out_channels, rngs, axes=("embed", None), **kw)
+
+  def __call__(self, x: jax.Array, c: jax.Array) -> jax.Array:
+    shift, scale = jnp.split(self.adaLN_modulation(nnx.silu(c)), 2, axis=-1)
+    return self.linear(modulate(layer_norm(x, NORM_EPS), shift, scale))
+
+
+class MMDiT(nnx.Module):
+  """Text-conditional multimodal Diffusion Transformer (SD3 / SD3.5; MMDiT-X with ``dual_attention_layers``).
+
+  Call: ``model(x, t, context, pooled)`` with x (B, H, W, C) latents (H, W multiples of the patch size, at most
+  ``pos_embed_max_size * patch_size``), t (B,) timesteps in the model's units (sigma * 1000), context (B, L,
+  joint_attention_dim) text tokens, pooled (B, pooled_projection_dim). Returns (B, H, W, out_channels)
+  (the flow-matching velocity for SD3).
+  """
+
+  def __init__(self, config: MMDiTConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32,
+               attention_impl: str = "auto"):
+    if attention_impl not in IMPLEMENTATIONS:
+      raise ValueError(f"attention_impl {attention_impl!r} is not one of {IMPLEMENTATIONS}")
+    cfg = self.config = config
+    d = cfg.hidden_size
+    kw = dict(dtype=dtype, param_dtype=param_dtype)
+    self.dtype = dtype
+    self.x_embedder = layers.PatchEmbed(cfg.patch_size, cfg.in_channels, d, rngs, **kw)
+    table = pos_embed_table(d, cfg.pos_embed_max_size, cfg.sample_size // cfg.patch_size)
+    self.pos_embed = FrozenParam(jnp.asarray(table, dtype=param_dtype), **layers.logical(None, "embed"))
+    self.t_embedder = layers.TimestepEmbedder(d, rngs, freq_shift=0.0, **kw)
+    self.y_embedder = VectorEmbedder(cfg.pooled_projection_dim, d, rngs, **kw)
+    self.context_embedder = layers.linear(cfg.joint_attention_dim, cfg.caption_projection_dim, rngs,
+                                          axes=(None, "embed"), **kw)
+    self.joint_blocks = nnx.List([JointBlock(cfg, i, rngs, attention_impl=attention_impl, **kw)
+                                  for i in range(cfg.num_layers)])
+    self.final_layer = FinalLayer(cfg, rngs, **kw)
+
+  def condition(self, t: jax.Array, pooled: jax.Array) -> jax.Array:
+    """c = t_embedder(t) + y_embedder(pooled): (B, D)."""
+    return self.t_embedder(t).astype(self.dtype) + self.y_embedder(pooled.astype(self.dtype))
+
+  def __call__(self, x: jax.Array, t: jax.Array, context: jax.Array, pooled: jax.Array,
+               skip_layers: tuple[int, ...] = ()) -> jax.Array:
+    cfg = self.config
+    _, h, w, ch = x.shape
+    p = cfg.patch_size
+    if ch != cfg.in_channels or h % p or w % p:
+      raise ValueError(f"MMDiT expects (B, H, W, {cfg.in_channels}) NHWC with H, W multiples of {p}, "
+                       f"got {tuple(x.shape)}")
+    gh, gw = h // p, w // p
+    pos = crop_pos_embed(self.pos_embed[...], cfg.pos_embed_max_size, gh, gw)
+    tokens = self.x_embedder(x.astype(self.dtype)) + pos.astype(self.dtype)[None]
+    c = self.condition(t, pooled)
+    ctx = self.context_embedder(context.astype(self.dtype))
+    for i, block in enumerate(self.joint_blocks):
+      if i not in skip_layers:
+        tokens, ctx = block(tokens, ctx, c)
+    tokens = self.final_layer(tokens, c)
+    return unpatchify(tokens, p, cfg.out_channels, gh, gw)
