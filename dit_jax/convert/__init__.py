@@ -25,14 +25,7 @@ logger = logging.getLogger("dit_jax")
 __all__ = ["ConversionError", "convert", "convert_state_dict", "detect_layout", "export", "infer_config"]
 
 _HEADS_BY_WIDTH = {h: n for _, h, n in SIZES.values()}
-_MAX_LISTED = 4
-
-
-def _listing(keys) -> str:
-  keys = sorted(keys)
-  more = f" (+{len(keys) - _MAX_LISTED} more)" if len(keys) > _MAX_LISTED else ""
-  return ", ".join(keys[:_MAX_LISTED]) + more
-
+_listing = tables.listing
 
 def detect_layout(tensors: dict[str, np.ndarray]) -> str:
   """'original' or 'diffusers', from the key names."""
@@ -42,7 +35,7 @@ def detect_layout(tensors: dict[str, np.ndarray]) -> str:
     return "diffusers"
   raise ConversionError(f"not a DiT state dict: found neither x_embedder.proj.weight (original) nor "
                         f"pos_embed.proj.weight + transformer_blocks.* (diffusers); keys start with "
-                        f"{_listing(list(tensors)[:_MAX_LISTED])}")
+                        f"{_listing(list(tensors)[:tables.MAX_LISTED])}")
 
 
 def _need(tensors, key):
@@ -122,44 +115,9 @@ def infer_config(tensors: dict[str, np.ndarray], layout: str, diffusers_config: 
 
 def convert_state_dict(tensors: dict[str, np.ndarray], cfg: DiTConfig, layout: str) -> DiT:
   """Apply the layout's key table strictly: every source key used, every parameter filled, shapes checked."""
-  rules = tables.TABLES[layout](cfg)
-  graphdef, state = nnx.split(nnx.eval_shape(lambda: DiT(cfg, rngs=nnx.Rngs(0))))
-  targets = {tuple(p): v for p, v in nnx.to_flat_state(state)}
-  values = {path: fn(cfg) for path, fn in tables.COMPUTED[layout].items()}
-  problems, used = [], set()
-  missing = sorted({k for r in rules for k in r.sources} - set(tensors))
-  if missing:
-    problems.append(f"missing keys: {_listing(missing)}")
-  wrong_shapes = []
-  for rule in rules:
-    if any(k not in tensors for k in rule.sources):
-      continue
-    used.update(rule.sources)
-    want = targets[rule.target].shape
-    expected = tables.source_shapes(rule, want, cfg)
-    bad = [f"{k} {tuple(tensors[k].shape)}, expected {shape}" for k, shape in zip(rule.sources, expected)
-           if tuple(tensors[k].shape) != shape]
-    if bad:
-      wrong_shapes += bad
-      continue
-    try:
-      values[rule.target] = tables.OPS[rule.op][0](tables.merge_sources(rule, [tensors[k] for k in rule.sources]))
-    except ValueError as e:  # untied embedder copies: a model fine-tuned with diffusers' per-block embedders
-      problems.append(f"{e}; dit_jax shares one timestep/label embedder across blocks, as the original DiT")
-  if wrong_shapes:
-    problems.append(f"wrong shape: {_listing(wrong_shapes)}")
-  extra = sorted(set(tensors) - used - {k for r in rules for k in r.sources})
-  if extra:
-    problems.append(f"unexpected keys: {_listing(extra)}")
-  unfilled = set(targets) - {r.target for r in rules} - set(tables.COMPUTED[layout])
-  if unfilled:  # a table bug, not a user error
-    raise AssertionError(f"key table for {layout} leaves parameters unfilled: {sorted(unfilled)}")
-  if problems:
-    raise ConversionError(f"{layout} DiT state dict does not match the inferred config: " + "; ".join(problems))
-  flat = nnx.to_flat_state(state)
-  for path, var in flat:
-    var.value = jnp.asarray(values[tuple(path)], dtype=var.value.dtype)
-  return nnx.merge(graphdef, nnx.from_flat_state(flat))
+  abstract = nnx.eval_shape(lambda: DiT(cfg, rngs=nnx.Rngs(0)))
+  return tables.apply_table(tensors, tables.TABLES[layout](cfg), abstract, cfg, what=f"{layout} DiT",
+                            computed=tables.COMPUTED[layout])
 
 
 def _source_meta(src, source: Source, layout: str) -> dict[str, Any]:

@@ -17,7 +17,7 @@ from flax import nnx
 
 from dit_jax.convert.readers import ConversionError
 from dit_jax.convert.tables import OPS as DIT_OPS
-from dit_jax.convert.tables import Path, Rule, merge_sources, split_target
+from dit_jax.convert.tables import Path, Rule, apply_table, split_target
 from dit_jax.models.mmdit import MMDiT, MMDiTConfig
 
 
@@ -33,13 +33,8 @@ OPS: dict[str, tuple[Callable, Callable]] = {
     "swap": (_swap_halves, lambda a, cfg: _swap_halves(a)),
 }
 
-_MAX_LISTED = 4
 
 
-def _listing(keys) -> str:
-  keys = sorted(keys)
-  more = f" (+{len(keys) - _MAX_LISTED} more)" if len(keys) > _MAX_LISTED else ""
-  return ", ".join(keys[:_MAX_LISTED]) + more
 
 
 def _linear(target: Path, source: str, *, swap: bool = False) -> list[Rule]:
@@ -156,9 +151,6 @@ def detect_mmdit_layout(tensors: dict[str, np.ndarray]) -> str:
                         "x_embedder.proj.weight + joint_blocks.* (stability)")
 
 
-def _source_shapes(rule: Rule, target_shape: tuple, cfg: MMDiTConfig) -> list[tuple]:
-  placeholder = np.zeros(target_shape, np.float32)
-  return [tuple(a.shape) for a in split_target(rule, OPS[rule.op][1](placeholder, cfg))]
 
 
 def _need(tensors, key):
@@ -240,40 +232,9 @@ def convert_mmdit_state_dict(tensors: dict[str, np.ndarray], cfg: MMDiTConfig, l
   layout = detect_mmdit_layout(tensors) if layout == "auto" else layout
   if layout not in TABLES:
     raise ConversionError(f"unknown MMDiT layout {layout!r}; choose one of {', '.join(TABLES)}")
-  rules = TABLES[layout](cfg)
-  graphdef, state = nnx.split(nnx.eval_shape(lambda: MMDiT(cfg, rngs=nnx.Rngs(0), dtype=dtype,
-                                                           param_dtype=param_dtype, attention_impl=attention_impl)))
-  targets = {tuple(p): v for p, v in nnx.to_flat_state(state)}
-  values, problems, wrong_shapes = {}, [], []
-  sources = {k for r in rules for k in r.sources}
-  missing = sorted(sources - set(tensors))
-  if missing:
-    problems.append(f"missing keys: {_listing(missing)}")
-  for rule in rules:
-    if any(k not in tensors for k in rule.sources):
-      continue
-    expected = _source_shapes(rule, targets[rule.target].shape, cfg)
-    bad = [f"{k} {tuple(tensors[k].shape)}, expected {shape}" for k, shape in zip(rule.sources, expected)
-           if tuple(tensors[k].shape) != shape]
-    if bad:
-      wrong_shapes += bad
-      continue
-    values[rule.target] = OPS[rule.op][0](merge_sources(rule, [np.asarray(tensors[k]) for k in rule.sources]))
-  if wrong_shapes:
-    problems.append(f"wrong shape: {_listing(wrong_shapes)}")
-  extra = sorted(set(tensors) - sources)
-  if extra:
-    problems.append(f"unexpected keys: {_listing(extra)}")
-  unfilled = set(targets) - {r.target for r in rules}
-  if unfilled:  # a table bug, not a user error
-    raise AssertionError(f"MMDiT key table leaves parameters unfilled: {sorted(unfilled)}")
-  if problems:
-    raise ConversionError(f"{layout} MMDiT state dict does not match the inferred config: "
-                          + "; ".join(problems))
-  flat = nnx.to_flat_state(state)
-  for path, var in flat:
-    var.value = jnp.asarray(values[tuple(path)], dtype=var.value.dtype)
-  return nnx.merge(graphdef, nnx.from_flat_state(flat))
+  abstract = nnx.eval_shape(lambda: MMDiT(cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype,
+                                          attention_impl=attention_impl))
+  return apply_table(tensors, TABLES[layout](cfg), abstract, cfg, what=f"{layout} MMDiT", ops=OPS)
 
 
 def export_mmdit_state_dict(model: MMDiT, layout: str = "diffusers") -> dict[str, np.ndarray]:

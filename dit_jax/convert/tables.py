@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable
 
+import jax.numpy as jnp
 import numpy as np
 
 from dit_jax.models.dit import DiTConfig
@@ -117,7 +118,9 @@ def merge_sources(rule: Rule, arrays: list[np.ndarray]) -> np.ndarray:
                  if a.shape != arrays[0].shape or not np.array_equal(a, arrays[0])]
     if differing:
       raise ValueError(f"tied copies differ from {rule.sources[0]}: {differing[0]}"
-                       + (f" (+{len(differing) - 1} more)" if len(differing) > 1 else ""))
+                       + (f" (+{len(differing) - 1} more)" if len(differing) > 1 else "")
+                       + "; dit_jax keeps one copy (e.g. one timestep/label embedder for all blocks, as the original "
+                       "DiT), so the copies must be identical")
   return arrays[0]
 
 
@@ -130,7 +133,64 @@ def split_target(rule: Rule, array: np.ndarray) -> list[np.ndarray]:
   return [array]
 
 
-def source_shapes(rule: Rule, target_shape: tuple, cfg: DiTConfig) -> list[tuple]:
+def source_shapes(rule: Rule, target_shape: tuple, cfg, ops=OPS) -> list[tuple]:
   """The torch shapes the rule's sources must have to fill a target of ``target_shape``."""
   placeholder = np.broadcast_to(np.float32(0), target_shape)
-  return [tuple(a.shape) for a in split_target(rule, OPS[rule.op][1](placeholder, cfg))]
+  return [tuple(a.shape) for a in split_target(rule, ops[rule.op][1](placeholder, cfg))]
+
+
+MAX_LISTED = 4
+
+
+def listing(keys) -> str:
+  """At most MAX_LISTED sorted keys, then '(+N more)'."""
+  keys = sorted(keys)
+  more = f" (+{len(keys) - MAX_LISTED} more)" if len(keys) > MAX_LISTED else ""
+  return ", ".join(keys[:MAX_LISTED]) + more
+
+
+def apply_table(tensors: dict[str, np.ndarray], rules: list[Rule], abstract_module, cfg, *, what: str, ops=OPS,
+                computed: dict[Path, Callable] | None = None):
+  """Fill an abstract NNX module from a state dict through a key table, strictly: every source key used, every
+  parameter filled (by a rule or ``computed``), every shape checked. All problems go into one one-line
+  ConversionError naming the offending keys."""
+  from flax import nnx
+
+  from dit_jax.convert.readers import ConversionError
+
+  computed = computed or {}
+  graphdef, state = nnx.split(abstract_module)
+  flat = nnx.to_flat_state(state)
+  targets = {tuple(p): v for p, v in flat}
+  values = {path: fn(cfg) for path, fn in computed.items()}
+  wanted = {k for r in rules for k in r.sources}
+  problems, wrong_shapes = [], []
+  missing = sorted(wanted - set(tensors))
+  if missing:
+    problems.append(f"missing keys: {listing(missing)}")
+  for rule in rules:
+    if any(k not in tensors for k in rule.sources):
+      continue
+    expected = source_shapes(rule, targets[rule.target].shape, cfg, ops)
+    bad = [f"{k} {tuple(tensors[k].shape)}, expected {shape}" for k, shape in zip(rule.sources, expected)
+           if tuple(tensors[k].shape) != shape]
+    if bad:
+      wrong_shapes += bad
+      continue
+    try:
+      values[rule.target] = ops[rule.op][0](merge_sources(rule, [np.asarray(tensors[k]) for k in rule.sources]))
+    except ValueError as e:
+      problems.append(str(e))
+  if wrong_shapes:
+    problems.append(f"wrong shape: {listing(wrong_shapes)}")
+  extra = sorted(set(tensors) - wanted)
+  if extra:
+    problems.append(f"unexpected keys: {listing(extra)}")
+  unfilled = set(targets) - {r.target for r in rules} - set(computed)
+  if unfilled:  # a table bug, not a user error
+    raise AssertionError(f"{what} key table leaves parameters unfilled: {sorted(unfilled)}")
+  if problems:
+    raise ConversionError(f"{what} state dict does not match the inferred config: " + "; ".join(problems))
+  for path, var in flat:
+    var.set_value(jnp.asarray(values[tuple(path)], dtype=var.get_value().dtype))
+  return nnx.merge(graphdef, nnx.from_flat_state(flat))

@@ -27,7 +27,7 @@ import numpy as np
 from flax import nnx
 
 from dit_jax.convert.readers import ConversionError
-from dit_jax.convert.tables import OPS, Path, Rule
+from dit_jax.convert.tables import MAX_LISTED, OPS, Path, Rule, apply_table, listing
 from dit_jax.models.vae import PRESETS, AutoencoderKL, VAEConfig
 
 logger = logging.getLogger("dit_jax")
@@ -36,7 +36,6 @@ __all__ = ["VAE_OPS", "VAE_TABLES", "convert_vae_state_dict", "detect_vae_layout
            "export_vae_state_dict", "infer_vae_config", "original_ldm_table", "select_vae_tensors"]
 
 LDM_PREFIX = "first_stage_model."
-_MAX_LISTED = 4
 
 # op -> (torch -> jax, jax -> torch); the inverse takes the config for symmetry with tables.OPS.
 VAE_OPS: dict[str, tuple[Callable, Callable]] = {
@@ -138,10 +137,6 @@ VAE_TABLES = {"diffusers": diffusers_table, "ldm": original_ldm_table}
 # Layout, config and conversion
 
 
-def _listing(keys) -> str:
-  keys = sorted(keys)
-  more = f" (+{len(keys) - _MAX_LISTED} more)" if len(keys) > _MAX_LISTED else ""
-  return ", ".join(keys[:_MAX_LISTED]) + more
 
 
 def select_vae_tensors(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -159,7 +154,7 @@ def detect_vae_layout(tensors: dict[str, np.ndarray]) -> str:
   if any(k.startswith("encoder.down.") for k in tensors):
     return "ldm"
   raise ConversionError(f"not an AutoencoderKL state dict: found neither encoder.down_blocks.* (diffusers) nor "
-                        f"encoder.down.* (ldm); keys start with {_listing(list(tensors)[:_MAX_LISTED])}")
+                        f"encoder.down.* (ldm); keys start with {listing(list(tensors)[:MAX_LISTED])}")
 
 
 def _need(tensors, key):
@@ -228,48 +223,13 @@ def infer_vae_config(tensors: dict[str, np.ndarray], layout: str, diffusers_conf
     raise ConversionError(str(e)) from None
 
 
-def source_shapes(rule: Rule, target_shape: tuple, cfg: VAEConfig) -> list[tuple]:
-  placeholder = np.broadcast_to(np.float32(0), target_shape)
-  return [tuple(VAE_OPS[rule.op][1](placeholder, cfg).shape)]
-
-
 def convert_vae_state_dict(tensors: dict[str, np.ndarray], cfg: VAEConfig, layout: str, *, dtype=jnp.float32,
                            param_dtype=jnp.float32) -> AutoencoderKL:
   """Apply the layout's key table strictly: every source key used, every parameter filled, shapes checked."""
   if layout not in VAE_TABLES:
     raise ConversionError(f"unknown VAE layout {layout!r}; choose one of {', '.join(VAE_TABLES)}")
-  rules = VAE_TABLES[layout](cfg)
-  graphdef, state = nnx.split(nnx.eval_shape(
-      lambda: AutoencoderKL(cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype)))
-  flat = nnx.to_flat_state(state)
-  targets = {tuple(p): v for p, v in flat}
-  wanted = {k for r in rules for k in r.sources}
-  problems, values, wrong_shapes = [], {}, []
-  missing = sorted(wanted - set(tensors))
-  if missing:
-    problems.append(f"missing keys: {_listing(missing)}")
-  for rule in rules:
-    (key,) = rule.sources
-    if key not in tensors:
-      continue
-    (expected,) = source_shapes(rule, targets[rule.target].shape, cfg)
-    if tuple(tensors[key].shape) != expected:
-      wrong_shapes.append(f"{key} {tuple(tensors[key].shape)}, expected {expected}")
-      continue
-    values[rule.target] = VAE_OPS[rule.op][0](np.asarray(tensors[key]))
-  if wrong_shapes:
-    problems.append(f"wrong shape: {_listing(wrong_shapes)}")
-  extra = sorted(set(tensors) - wanted)
-  if extra:
-    problems.append(f"unexpected keys: {_listing(extra)}")
-  unfilled = set(targets) - {r.target for r in rules}
-  if unfilled:  # a table bug, not a user error
-    raise AssertionError(f"VAE key table for {layout} leaves parameters unfilled: {sorted(unfilled)}")
-  if problems:
-    raise ConversionError(f"{layout} VAE state dict does not match the config: " + "; ".join(problems))
-  for path, var in flat:
-    var.set_value(jnp.asarray(values[tuple(path)], dtype=var.get_value().dtype))
-  return nnx.merge(graphdef, nnx.from_flat_state(flat))
+  abstract = nnx.eval_shape(lambda: AutoencoderKL(cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype))
+  return apply_table(tensors, VAE_TABLES[layout](cfg), abstract, cfg, what=f"{layout} VAE", ops=VAE_OPS)
 
 
 def export_vae_state_dict(model: AutoencoderKL, layout: str = "diffusers") -> dict[str, np.ndarray]:
