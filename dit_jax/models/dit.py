@@ -7,7 +7,6 @@ config fields (``freq_shift``, ``mlp_norm_eps``); :data:`CONVENTIONS` holds both
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -15,6 +14,7 @@ from flax import nnx
 
 from dit_jax.models import layers
 from dit_jax.models.attention import IMPLEMENTATIONS
+from dit_jax.models.config import JsonConfig
 from dit_jax.models.layers import FrozenParam, layer_norm, modulate
 
 # Numeric conventions of the two checkpoint formats.
@@ -28,7 +28,7 @@ CONVENTIONS = {
 
 
 @dataclasses.dataclass(frozen=True)
-class DiTConfig:
+class DiTConfig(JsonConfig):
   """Hyper-parameters and numeric conventions of a DiT. ``input_size`` is the latent side (32 for 256 px)."""
 
   input_size: int = 32
@@ -77,17 +77,6 @@ class DiTConfig:
   @property
   def null_class(self) -> int:
     return self.num_classes
-
-  def to_dict(self) -> dict[str, Any]:
-    return dataclasses.asdict(self)
-
-  @classmethod
-  def from_dict(cls, d: dict[str, Any]) -> DiTConfig:
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - names)
-    if unknown:
-      raise ValueError(f"unknown DiT config keys: {', '.join(unknown)}")
-    return cls(**d)
 
 
 # Activation checkpointing per block: none, everything recomputed, or matmul outputs without a batch dim saved.

@@ -12,7 +12,6 @@ All adaLN projections are stored in Stability's chunk order: (shift, scale) for 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +20,7 @@ from flax import nnx
 
 from dit_jax.models import layers
 from dit_jax.models.attention import IMPLEMENTATIONS, dot_product_attention
+from dit_jax.models.config import JsonConfig
 from dit_jax.models.dit import unpatchify
 from dit_jax.models.layers import FrozenParam, layer_norm, modulate
 
@@ -29,7 +29,7 @@ NORM_EPS = 1e-6  # every LayerNorm (affine-free) and the QK RMSNorm
 
 
 @dataclasses.dataclass(frozen=True)
-class MMDiTConfig:
+class MMDiTConfig(JsonConfig):
   """Hyper-parameters of an SD3-family MMDiT, named as diffusers' ``SD3Transformer2DModel`` config.
 
   hidden size = num_attention_heads * attention_head_dim; ``caption_projection_dim`` must equal it.
@@ -72,19 +72,6 @@ class MMDiTConfig:
   @property
   def hidden_size(self) -> int:
     return self.num_attention_heads * self.attention_head_dim
-
-  def to_dict(self) -> dict[str, Any]:
-    d = dataclasses.asdict(self)
-    d["dual_attention_layers"] = list(self.dual_attention_layers)
-    return d
-
-  @classmethod
-  def from_dict(cls, d: dict[str, Any]) -> MMDiTConfig:
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - names)
-    if unknown:
-      raise ValueError(f"unknown MMDiT config keys: {', '.join(unknown)}")
-    return cls(**{**d, "dual_attention_layers": tuple(d.get("dual_attention_layers", ()))})
 
 
 def pos_embed_table(dim: int, max_size: int, base_size: int) -> np.ndarray:

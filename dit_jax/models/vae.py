@@ -12,20 +12,20 @@ GroupNorm statistics are computed in float32 whatever the compute dtype.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
 from dit_jax.models.attention import IMPLEMENTATIONS, dot_product_attention
+from dit_jax.models.config import JsonConfig
 
 RESNET_EPS = 1e-6  # every GroupNorm of the VAE (resnets, attention, norm_out)
 LOGVAR_RANGE = (-30.0, 20.0)
 
 
 @dataclasses.dataclass(frozen=True)
-class VAEConfig:
+class VAEConfig(JsonConfig):
   """Hyper-parameters of an AutoencoderKL (defaults: the SD 1.x kl-f8 VAE).
 
   ``scaling_factor`` / ``shift_factor`` map raw latents z to the diffusion model's units:
@@ -63,19 +63,6 @@ class VAEConfig:
   @property
   def downsample_factor(self) -> int:
     return 2 ** (len(self.block_out_channels) - 1)
-
-  def to_dict(self) -> dict[str, Any]:
-    d = dataclasses.asdict(self)
-    d["block_out_channels"] = list(self.block_out_channels)
-    return d
-
-  @classmethod
-  def from_dict(cls, d: dict[str, Any]) -> VAEConfig:
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - names)
-    if unknown:
-      raise ValueError(f"unknown VAE config keys: {', '.join(unknown)}")
-    return cls(**d)
 
 
 PRESETS: dict[str, VAEConfig] = {
