@@ -6,10 +6,12 @@ Public API:
   save(model, out_dir)           -> write a checkpoint directory
   sample(model, labels, key, *, method, steps, cfg_scale, ...) -> final latents (jitted sampling loop)
   DiT, DiTConfig, dit_config     -> the model, its config and the paper's named configs (CONFIGS)
+  MMDiT, MMDiTConfig             -> SD3 / SD3.5 multimodal DiT
 """
 from dit_jax.checkpoint import CheckpointError, load, load_vae, save
 from dit_jax.diffusion.samplers import sample
 from dit_jax.models.dit import CONFIGS, CONVENTIONS, DiT, DiTConfig, dit_config
+from dit_jax.models.mmdit import MMDiT, MMDiTConfig
 
 __version__ = "0.1.0"
-__all__ = ["CONFIGS", "CONVENTIONS", "CheckpointError", "DiT", "DiTConfig", "dit_config", "load", "load_vae", "sample", "save"]
+__all__ = ["CONFIGS", "CONVENTIONS", "CheckpointError", "DiT", "DiTConfig", "MMDiT", "MMDiTConfig", "dit_config", "load", "load_vae", "sample", "save"]

@@ -19,11 +19,12 @@ import numpy as np
 from flax import nnx
 
 from dit_jax.models.dit import DiT, DiTConfig
+from dit_jax.models.mmdit import MMDiT, MMDiTConfig
 from dit_jax.models.vae import AutoencoderKL, VAEConfig
 
 FORMAT_VERSION = 1
 META = "dit_jax.json"
-KINDS = {"dit": (DiT, DiTConfig), "vae": (AutoencoderKL, VAEConfig)}
+KINDS = {"dit": (DiT, DiTConfig), "mmdit": (MMDiT, MMDiTConfig), "vae": (AutoencoderKL, VAEConfig)}
 BUNDLED_VAE = "vae"  # a DiT checkpoint directory may carry its VAE as a checkpoint in this subdirectory
 
 
