@@ -271,3 +271,20 @@ class MMDiT(nnx.Module):
         tokens, ctx = block(tokens, ctx, c)
     tokens = self.final_layer(tokens, c)
     return unpatchify(tokens, p, cfg.out_channels, gh, gw)
+
+
+def flops_per_sample(cfg: MMDiTConfig, height: int, width: int, context_len: int) -> float:
+  """Forward FLOPs of one sample (2 x multiply-accumulates of every matmul and both attention products) for an
+  (height, width) latent and ``context_len`` text tokens."""
+  n, l, d, p = (height // cfg.patch_size) * (width // cfg.patch_size), context_len, cfg.hidden_size, cfg.patch_size
+  macs = n * p * p * cfg.in_channels * d + l * cfg.joint_attention_dim * d  # patch and context embedders
+  macs += 256 * d + d * d + cfg.pooled_projection_dim * d + d * d  # timestep and pooled embedders
+  for i in range(cfg.num_layers):
+    pre_only, dual = i == cfg.num_layers - 1, i in cfg.dual_attention_layers
+    macs += n * 12 * d * d + (9 if dual else 6) * d * d  # image stream: qkv, proj, 4x MLP, adaLN
+    macs += l * (3 if pre_only else 12) * d * d + (2 if pre_only else 6) * d * d  # context stream
+    macs += 2 * (n + l) ** 2 * d  # joint attention: QK^T and AV
+    if dual:
+      macs += n * 4 * d * d + 2 * n * n * d  # MMDiT-X second (image-only) attention
+  macs += 2 * d * d + n * d * p * p * cfg.out_channels  # final layer
+  return 2.0 * macs
