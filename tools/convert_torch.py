@@ -1,12 +1,15 @@
 #!/usr/bin/env python
-"""Convert PyTorch DiT checkpoints to dit_jax checkpoint directories, and back.
+"""Convert PyTorch DiT / MMDiT (SD3, SD3.5) / VAE checkpoints to dit_jax checkpoint directories, and back.
 
   python tools/convert_torch.py DiT-XL-2-256x256.pt ckpt/dit_xl2_256          # original state dict
   python tools/convert_torch.py results/000-DiT-XL-2/checkpoints/0400000.pt out --weights model
   python tools/convert_torch.py path/to/DiT-XL-2-256 ckpt/diffusers_xl2       # diffusers pipeline folder (+ its vae/)
   python tools/convert_torch.py DiT-XL-2-256x256.pt ckpt/x --vae path/to/sd-vae-ft-ema   # bundle a VAE
-  python tools/convert_torch.py sd3.5_medium.safetensors ckpt/sd35-vae --vae-preset sd3  # the VAE of a single file
+  python tools/convert_torch.py sd-v1-5.safetensors ckpt/sd15-vae --vae-preset sd-vae-ft-ema  # an SD file's VAE
+  python tools/convert_torch.py sd3.5_medium.safetensors ckpt/sd35m        # MMDiT + its VAE (text encoders skipped)
+  python tools/convert_torch.py path/to/stable-diffusion-3.5-medium ckpt/sd35m   # diffusers SD3 pipeline folder
   python tools/convert_torch.py ckpt/dit_xl2_256 dit.safetensors --to torch [--layout original|diffusers]
+  python tools/convert_torch.py ckpt/sd35m sd35m.safetensors --to torch [--layout stability|diffusers]
 
 Errors are reported in one line on stderr with exit status 2; nothing already on disk is overwritten unless
 --overwrite is given.
@@ -20,8 +23,10 @@ import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from dit_jax.checkpoint import CheckpointError  # noqa: E402
+from dit_jax.checkpoint import BUNDLED_VAE, CheckpointError, read_meta  # noqa: E402
 from dit_jax.convert import ConversionError, convert, export  # noqa: E402
+from dit_jax.models.mmdit import MMDiTConfig  # noqa: E402
+from dit_jax.models.vae import VAEConfig  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -29,24 +34,50 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("src", help="torch .pt/.bin/.safetensors, diffusers folder, or (with --to torch) a dit_jax dir")
   p.add_argument("out", help="output checkpoint directory, or (with --to torch) a .safetensors file")
   p.add_argument("--to", choices=["jax", "torch"], default="jax", help="direction (default: jax)")
-  p.add_argument("--format", dest="layout", default="auto", choices=["auto", "original", "diffusers"],
-                 help="source key layout (import; default: auto-detect)")
-  p.add_argument("--layout", dest="export_layout", default="original", choices=["original", "diffusers", "ldm"],
-                 help="key layout of the exported safetensors (--to torch; default: original, i.e. ldm for a VAE)")
+  p.add_argument("--format", dest="layout", default="auto", choices=["auto", "original", "diffusers", "stability"],
+                 help="source key layout (import; default: auto-detect); original = DiT, stability = MMDiT")
+  p.add_argument("--layout", dest="export_layout", default="original",
+                 choices=["original", "diffusers", "stability", "ldm"],
+                 help="key layout of the exported safetensors (--to torch; default: original, i.e. stability for an "
+                      "MMDiT and ldm for a VAE)")
   p.add_argument("--vae", default=None, help="a VAE (diffusers folder / file, LDM or SD single file) to bundle")
-  p.add_argument("--no-vae", action="store_true", help="do not bundle a pipeline folder's vae/")
+  p.add_argument("--no-vae", action="store_true",
+                 help="do not bundle a pipeline folder's vae/ or a single file's first_stage_model.*")
   p.add_argument("--vae-preset", default=None,
-                 help="latent scale preset when the VAE source records none: sd-vae-ft-ema, sdxl, sd3, flux, ...")
+                 help="latent scale preset when the VAE source records none: sd-vae-ft-ema, sdxl, sd3, flux, ... "
+                      "(default for a 16-channel VAE bundled with an MMDiT: sd3)")
   p.add_argument("--weights", choices=["ema", "model"], default=None,
                  help="which weights of a DiT training checkpoint to import (default: ema)")
-  p.add_argument("--num-heads", type=int, default=None, help="attention heads, if not inferable")
-  p.add_argument("--input-size", type=int, default=None, help="latent side, if not stored (diffusers files)")
+  p.add_argument("--num-heads", type=int, default=None,
+                 help="attention heads, if not inferable (an MMDiT's num_attention_heads)")
+  p.add_argument("--input-size", type=int, default=None,
+                 help="latent side, if not stored (diffusers files; an MMDiT's sample_size)")
   p.add_argument("--num-classes", type=int, default=None,
                  help="number of classes; equal to the label-table rows for a model trained without label dropout "
                       "(default: rows - 1, the last row being the null class)")
   p.add_argument("--dtype", default=None, help="dtype of exported tensors (default: the imported dtype)")
   p.add_argument("--overwrite", action="store_true", help="replace an existing output")
   return p.parse_args(argv)
+
+
+def summary(cfg, out: pathlib.Path) -> str:
+  """One line describing a converted model (and the VAE bundled with it)."""
+  if isinstance(cfg, VAEConfig):
+    return (f"VAE channels={cfg.block_out_channels} latent={cfg.latent_channels} scale={cfg.scaling_factor} "
+            f"shift={cfg.shift_factor}")
+  if isinstance(cfg, MMDiTConfig):
+    p = cfg.pos_embed_max_size
+    text = (f"MMDiT depth={cfg.num_layers} hidden={cfg.hidden_size} heads={cfg.num_attention_heads} "
+            f"qk_norm={cfg.qk_norm} dual_layers={list(cfg.dual_attention_layers)} pos_grid={p}x{p} "
+            f"patch={cfg.patch_size} in={cfg.in_channels}")
+  else:
+    text = (f"DiT depth={cfg.depth} hidden={cfg.hidden_size} heads={cfg.num_heads} patch={cfg.patch_size} "
+            f"input={cfg.input_size} classes={cfg.num_classes} learn_sigma={cfg.learn_sigma}")
+  if (out / BUNDLED_VAE).is_dir():
+    vae = read_meta(out / BUNDLED_VAE)["config"]
+    text += (f" + bundled VAE (latent={vae['latent_channels']} scale={vae['scaling_factor']} "
+             f"shift={vae['shift_factor']})")
+  return text
 
 
 def main(argv=None) -> int:
@@ -61,14 +92,7 @@ def main(argv=None) -> int:
       cfg = convert(args.src, args.out, layout=args.layout, weights=args.weights, num_heads=args.num_heads,
                     input_size=args.input_size, num_classes=args.num_classes, vae=args.vae,
                     bundle_vae=not args.no_vae, vae_preset=args.vae_preset, overwrite=args.overwrite)
-      if hasattr(cfg, "depth"):
-        bundled = " + bundled VAE" if (pathlib.Path(args.out) / "vae").is_dir() else ""
-        print(f"wrote {args.out}: DiT depth={cfg.depth} hidden={cfg.hidden_size} heads={cfg.num_heads} "
-              f"patch={cfg.patch_size} input={cfg.input_size} classes={cfg.num_classes} "
-              f"learn_sigma={cfg.learn_sigma}{bundled}")
-      else:
-        print(f"wrote {args.out}: VAE channels={cfg.block_out_channels} latent={cfg.latent_channels} "
-              f"scale={cfg.scaling_factor} shift={cfg.shift_factor}")
+      print(f"wrote {args.out}: {summary(cfg, pathlib.Path(args.out))}")
   except (ConversionError, CheckpointError, FileNotFoundError, PermissionError, IsADirectoryError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

@@ -1,7 +1,7 @@
-"""Import PyTorch DiT checkpoints (original facebookresearch/DiT or diffusers) and export them back.
+"""Import PyTorch DiT / MMDiT / VAE checkpoints (original, Stability or diffusers layouts) and export them back.
 
     convert(src, out_dir)                  # any supported source -> dit_jax checkpoint directory
-    export(ckpt_dir, out_file, layout=...) # dit_jax checkpoint -> safetensors in 'original' or 'diffusers' keys
+    export(ckpt_dir, out_file, layout=...) # dit_jax checkpoint -> safetensors ('original' / 'stability' / 'diffusers')
 """
 from __future__ import annotations
 
@@ -16,13 +16,14 @@ import numpy as np
 from flax import nnx
 
 from dit_jax import checkpoint
-from dit_jax.convert import tables, vae_tables
+from dit_jax.convert import mmdit_tables, tables, vae_tables
 from dit_jax.convert.readers import ConversionError, Source, from_numpy, read_source
 from dit_jax.models.dit import CONVENTIONS, SIZES, DiT, DiTConfig
+from dit_jax.models.mmdit import MMDiTConfig
 
 logger = logging.getLogger("dit_jax")
 
-__all__ = ["ConversionError", "convert", "convert_state_dict", "detect_layout", "export", "infer_config"]
+__all__ = ["ConversionError", "convert", "convert_state_dict", "convert_vae", "detect_layout", "export", "infer_config"]
 
 _HEADS_BY_WIDTH = {h: n for _, h, n in SIZES.values()}
 _listing = tables.listing
@@ -131,36 +132,91 @@ def _is_vae(tensors: dict[str, np.ndarray]) -> bool:
   return any(k.startswith(("encoder.down_blocks.", "encoder.down.")) for k in keys)
 
 
+def _vae_from_source(src, source: Source, preset: str | None, *, default_16ch: str | None = None, **scales):
+  tensors = vae_tables.select_vae_tensors(source.tensors)
+  found = vae_tables.detect_vae_layout(tensors)
+  conv_in = tensors.get("decoder.conv_in.weight")
+  if preset is None and default_16ch and conv_in is not None and conv_in.shape[1] == 16:
+    preset = default_16ch  # config.json values, when the source has them, still take precedence
+  cfg = vae_tables.infer_vae_config(tensors, found, source.diffusers_config, preset=preset, **scales)
+  return vae_tables.convert_vae_state_dict(tensors, cfg, found), _source_meta(src, Source(tensors, source.description),
+                                                                               found)
+
+
 def convert_vae(src: str | os.PathLike, *, preset: str | None = None, scaling_factor: float | None = None,
                 shift_factor: float | None = None):
   """(AutoencoderKL, meta) from a diffusers AutoencoderKL folder / safetensors or an LDM / SD single file
   (``first_stage_model.*`` keys are taken from a full checkpoint, everything else in it is left alone)."""
-  source = read_source(src)
-  tensors = vae_tables.select_vae_tensors(source.tensors)
-  found = vae_tables.detect_vae_layout(tensors)
-  cfg = vae_tables.infer_vae_config(tensors, found, source.diffusers_config, preset=preset,
-                                    scaling_factor=scaling_factor, shift_factor=shift_factor)
-  return vae_tables.convert_vae_state_dict(tensors, cfg, found), _source_meta(src, Source(tensors, source.description),
-                                                                               found)
+  return _vae_from_source(src, read_source(src), preset, scaling_factor=scaling_factor, shift_factor=shift_factor)
+
+
+def _convert_mmdit(src, source: Source, parts: tuple[dict, dict, int], out_dir, *, layout: str,
+                   num_heads: int | None, input_size: int | None, vae, bundle_vae: bool, vae_preset: str | None,
+                   overwrite: bool) -> MMDiTConfig:
+  """An MMDiT (Stability single file, bare mmditx / diffusers state dict, SD3 pipeline folder) and its VAE."""
+  tensors, file_vae, ignored = parts
+  found = mmdit_tables.detect_mmdit_layout(tensors)
+  if layout not in ("auto", found):
+    raise ConversionError(f"{src} is an MMDiT in the {found} layout, not {layout}")
+  if ignored:
+    logger.info("ignoring %d text-encoder tensors (%s) in %s: dit_jax converts the MMDiT and its VAE only", ignored,
+                ", ".join(f"{p}*" for p in mmdit_tables.TEXT_ENCODER_PREFIXES), src)
+  cfg = mmdit_tables.infer_mmdit_config(tensors, source.diffusers_config, num_attention_heads=num_heads,
+                                        sample_size=input_size)
+  model = mmdit_tables.convert_mmdit_state_dict(tensors, cfg, found)
+  vae_model = vae_meta = None
+  if bundle_vae:
+    pipeline_vae = pathlib.Path(src) / "vae"
+    if vae is not None:
+      vae_src, vae_source = vae, read_source(vae)
+    elif pipeline_vae.is_dir():
+      vae_src, vae_source = pipeline_vae, read_source(pipeline_vae)
+    elif file_vae:
+      vae_src, vae_source = src, Source(file_vae, f"{src} ({mmdit_tables.VAE_PREFIX}*)")
+    else:
+      vae_src = vae_source = None
+    if vae_source is not None:
+      vae_model, vae_meta = _vae_from_source(vae_src, vae_source, vae_preset, default_16ch="sd3")
+      if vae_model.config.latent_channels != cfg.in_channels:
+        raise ConversionError(f"the VAE has {vae_model.config.latent_channels} latent channels, the MMDiT takes "
+                              f"{cfg.in_channels}")
+  checkpoint.save(model, out_dir, overwrite=overwrite, extra=_source_meta(src, Source(tensors, source.description),
+                                                                          found), vae=vae_model, vae_extra=vae_meta)
+  return cfg
 
 
 def convert(src: str | os.PathLike, out_dir: str | os.PathLike, *, layout: str = "auto", weights: str | None = None,
             num_heads: int | None = None, input_size: int | None = None, num_classes: int | None = None,
             vae: str | os.PathLike | None = None, bundle_vae: bool = True, vae_preset: str | None = None,
             overwrite: bool = False):
-  """Convert a PyTorch DiT or VAE checkpoint into a dit_jax checkpoint directory; returns the model config.
+  """Convert a PyTorch DiT, MMDiT or VAE checkpoint into a dit_jax checkpoint directory; returns the model config.
 
   Args:
     src: a DiT (original ``.pt``/``.safetensors`` state dict or training checkpoint, diffusers folder or file, or
-      a DiTPipeline folder) or a VAE (diffusers AutoencoderKL folder / file, LDM / SD single file).
+      a DiTPipeline folder), an MMDiT (Stability single file such as ``sd3.5_medium.safetensors``, a bare
+      ``mmditx`` state dict, a diffusers ``SD3Transformer2DModel`` folder / file or an SD3 pipeline folder) or a
+      VAE (diffusers AutoencoderKL folder / file, LDM / SD single file).
     out_dir: checkpoint directory to write (must not exist or be empty unless ``overwrite``).
-    layout: DiT key layout: 'auto' | 'original' | 'diffusers'.
+    layout: key layout: 'auto' | 'original' | 'diffusers' for a DiT, 'auto' | 'stability' | 'diffusers' for an
+      MMDiT.
     weights: training checkpoints only: 'ema' (default) or 'model'.
-    vae: a VAE source to bundle with a DiT (``<out_dir>/vae``); by default a pipeline folder's ``vae/`` is
-      bundled (``bundle_vae=False`` to skip).
-    vae_preset: 'sd-vae-ft-ema', 'sdxl', 'sd3', 'flux', ... for latent scales a source does not record.
+    num_heads, input_size: hyper-parameters shapes do not show (an MMDiT's num_attention_heads / sample_size).
+    vae: a VAE source to bundle (``<out_dir>/vae``); by default a pipeline folder's ``vae/`` or a Stability single
+      file's ``first_stage_model.*`` is bundled (``bundle_vae=False`` to skip).
+    vae_preset: 'sd-vae-ft-ema', 'sdxl', 'sd3', 'flux', ... for latent scales a source does not record (a
+      16-channel VAE bundled with an MMDiT defaults to 'sd3').
   """
   source: Source = read_source(src, weights)
+  mmdit_parts = mmdit_tables.select_mmdit(source.tensors)
+  if mmdit_parts is not None:
+    if num_classes is not None:
+      raise ConversionError("num_classes applies to a class-conditional DiT, not to an MMDiT")
+    return _convert_mmdit(src, source, mmdit_parts, out_dir, layout=layout, num_heads=num_heads,
+                          input_size=input_size, vae=vae, bundle_vae=bundle_vae, vae_preset=vae_preset,
+                          overwrite=overwrite)
+  if layout == "stability":
+    raise ConversionError(f"{src} is not an MMDiT (no context_embedder.weight + joint_blocks.* / "
+                          "transformer_blocks.*): the stability layout applies to MMDiT checkpoints only")
   if layout == "auto" and _is_vae(source.tensors) and "x_embedder.proj.weight" not in source.tensors:
     model, meta = convert_vae(src, preset=vae_preset)
     checkpoint.save(model, out_dir, overwrite=overwrite, extra=meta)
@@ -187,6 +243,8 @@ def export(ckpt_dir: str | os.PathLike, out_file: str | os.PathLike, *, layout: 
            dtype: str | None = None, overwrite: bool = False) -> pathlib.Path:
   """Write a checkpoint's parameters as a safetensors state dict in the ``layout``'s torch key names.
 
+  Layouts: a DiT 'original' | 'diffusers'; an MMDiT 'stability' (alias 'original'; Stability's single-file keys
+  with the ``model.diffusion_model.`` prefix) | 'diffusers'; a VAE 'ldm' (alias 'original') | 'diffusers'.
   ``dtype`` defaults to the dtype the checkpoint was converted from (float32 for trained checkpoints), so an
   import followed by an export is bit-exact.
   """
@@ -205,6 +263,13 @@ def export(ckpt_dir: str | os.PathLike, out_file: str | os.PathLike, *, layout: 
   if meta["kind"] == "vae":
     layout = "ldm" if layout == "original" else layout
     arrays = vae_tables.export_vae_state_dict(model, layout)
+  elif meta["kind"] == "mmdit":
+    layout = "stability" if layout == "original" else layout
+    if layout not in mmdit_tables.TABLES:
+      raise ConversionError(f"unknown MMDiT layout {layout!r}; choose one of {', '.join(mmdit_tables.TABLES)}")
+    arrays = mmdit_tables.export_mmdit_state_dict(model, layout)
+    if layout == "stability":
+      arrays = {mmdit_tables.STABILITY_PREFIX + k: v for k, v in arrays.items()}
   else:
     if layout not in tables.TABLES:
       raise ConversionError(f"unknown DiT layout {layout!r}; choose one of {', '.join(tables.TABLES)}")

@@ -17,7 +17,7 @@ from flax import nnx
 
 from dit_jax.convert.readers import ConversionError
 from dit_jax.convert.tables import OPS as DIT_OPS
-from dit_jax.convert.tables import Path, Rule, apply_table, split_target
+from dit_jax.convert.tables import Path, Rule, apply_table, listing, split_target
 from dit_jax.models.mmdit import MMDiT, MMDiTConfig
 
 
@@ -32,9 +32,6 @@ OPS: dict[str, tuple[Callable, Callable]] = {
     "swapT": (lambda a: _swap_halves(a).T, lambda a, cfg: _swap_halves(a.T)),
     "swap": (_swap_halves, lambda a, cfg: _swap_halves(a)),
 }
-
-
-
 
 
 def _linear(target: Path, source: str, *, swap: bool = False) -> list[Rule]:
@@ -131,6 +128,45 @@ def stability_mmdit_table(cfg: MMDiTConfig) -> list[Rule]:
 
 TABLES = {"diffusers": diffusers_mmdit_table, "stability": stability_mmdit_table}
 STABILITY_PREFIX = "model.diffusion_model."
+VAE_PREFIX = "first_stage_model."
+# Text encoders bundled in Stability / SGM single files; dit_jax does not convert them.
+TEXT_ENCODER_PREFIXES = ("text_encoders.", "cond_stage_model.", "conditioner.")
+
+
+def is_mmdit(tensors: dict[str, np.ndarray]) -> bool:
+  """True for an MMDiT state dict in either layout (prefix already stripped): a context embedder and joint
+  (Stability) or transformer (diffusers) blocks. DiT, UNet and VAE state dicts have no context embedder."""
+  return "context_embedder.weight" in tensors and any(k.startswith(("joint_blocks.", "transformer_blocks."))
+                                                      for k in tensors)
+
+
+def select_mmdit(tensors: dict[str, np.ndarray]) -> tuple[dict, dict, int] | None:
+  """Split an MMDiT source into (MMDiT tensors, VAE tensors, number of text-encoder tensors left out), or None
+  when it holds no MMDiT.
+
+  A Stability single file keeps the MMDiT under ``model.diffusion_model.``, its VAE under ``first_stage_model.``
+  and text encoders under ``text_encoders.`` (SGM: ``cond_stage_model.`` / ``conditioner.``); any other key
+  next to a prefixed MMDiT is an error. Without the prefix every other key belongs to the MMDiT (a bare
+  ``mmditx`` or diffusers state dict; unknown keys are then reported by the strict key table).
+  """
+  model, vae, rest, ignored = {}, {}, {}, 0
+  for key, value in tensors.items():
+    if key.startswith(STABILITY_PREFIX):
+      model[key[len(STABILITY_PREFIX):]] = value
+    elif key.startswith(VAE_PREFIX):
+      vae[key[len(VAE_PREFIX):]] = value
+    elif key.startswith(TEXT_ENCODER_PREFIXES):
+      ignored += 1
+    else:
+      rest[key] = value
+  if not model:
+    model, rest = rest, {}
+  if not is_mmdit(model):
+    return None
+  if rest:
+    raise ConversionError(f"unknown top-level keys next to the {STABILITY_PREFIX}* MMDiT: {listing(rest)} "
+                          f"(expected only {VAE_PREFIX}* and text encoders {', '.join(TEXT_ENCODER_PREFIXES)})")
+  return model, vae, ignored
 
 
 def strip_stability_prefix(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -149,8 +185,6 @@ def detect_mmdit_layout(tensors: dict[str, np.ndarray]) -> str:
     return "stability"
   raise ConversionError("not an MMDiT state dict: found neither pos_embed.proj.weight (diffusers) nor "
                         "x_embedder.proj.weight + joint_blocks.* (stability)")
-
-
 
 
 def _need(tensors, key):
