@@ -87,7 +87,10 @@ def main(argv=None) -> int:
   try:
     if args.to == "torch":
       path = export(args.src, args.out, layout=args.export_layout, dtype=args.dtype, overwrite=args.overwrite)
-      print(f"wrote {path} ({args.export_layout} layout)")
+      from safetensors import safe_open
+      with safe_open(str(path), framework="np") as f:
+        layout = (f.metadata() or {}).get("dit_jax_layout", args.export_layout)
+      print(f"wrote {path} ({layout} layout)")
     else:
       cfg = convert(args.src, args.out, layout=args.layout, weights=args.weights, num_heads=args.num_heads,
                     input_size=args.input_size, num_classes=args.num_classes, vae=args.vae,
