@@ -1,10 +1,18 @@
 #!/usr/bin/env python
-"""Sample from a dit_jax checkpoint: a PNG grid of chosen classes, or N samples as an ADM-evaluator .npz.
+"""Sample from a dit_jax checkpoint: a PNG grid of chosen classes, or N samples as an ADM-evaluator .npz; for an
+MMDiT (SD3 / SD3.5), one sample per row of precomputed text embeddings.
 
   python sample.py --checkpoint ckpt/dit-xl2-256 --class-labels 207,360,387,974 --method ddpm --steps 250 \\
       --cfg-scale 4.0 --seed 0 --out grid.png
   python sample.py --checkpoint ckpt/dit-xl2-256 --num-samples 50000 --batch-size 64 --cfg-scale 1.5 \\
       --cfg-mode dit --out samples.npz        # resumable: re-run the same command after an interruption
+  python sample.py --checkpoint ckpt/sd3.5-medium --cond cond.npz --preset sd35_medium --latent-size 128,96 \
+      --out grid.png                          # or --out samples.npz (arr_0 uint8 images + float32 latents)
+
+MMDiT: cond.npz holds ``context`` (B, L, joint_attention_dim) and ``pooled`` (B, pooled_projection_dim), and
+optionally ``negative_context`` / ``negative_pooled`` (1 or B rows; default zeros). ``--preset`` (a name in
+configs/sampling/, NAME:FLAVOUR such as sd35_medium:diffusers, or a .py path) sets method, steps, shift, CFG and
+skip-layer guidance; explicit flags override it.
 
 Latents are decoded through the checkpoint's bundled VAE (tools/convert_torch.py bundles a pipeline's vae/ or
 --vae SRC), or --vae DIR. Without one the model's own space is written (for 4-channel latents the PNG shows the
@@ -31,16 +39,23 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--class-labels", default=None, help="comma-separated class ids (default for .npz: uniform random)")
   p.add_argument("--num-samples", type=int, default=None, help="write this many samples to an .npz")
   p.add_argument("--batch-size", type=int, default=32, help="samples per batch (and per shard) for .npz")
-  p.add_argument("--method", default="ddpm", help=f"one of {', '.join(METHODS)}")
+  p.add_argument("--cond", default=None, help="MMDiT: .npz of text embeddings (context, pooled[, negative_*])")
+  p.add_argument("--latent-size", default=None, help="MMDiT: H,W in latent pixels (default: the sample size)")
+  p.add_argument("--preset", default=None, help="MMDiT sampling preset: NAME[:FLAVOUR] in configs/sampling, or a .py")
+  p.add_argument("--method", default=None, help=f"one of {', '.join(METHODS)} (default: ddpm; euler for an MMDiT)")
   p.add_argument("--steps", type=int, default=None, help=f"sampling steps (defaults: {DEFAULT_STEPS})")
   p.add_argument("--respacing", default=None, help="VP respacing: 'N', 'a,b,c' or 'ddimN' (overrides --steps)")
-  p.add_argument("--cfg-scale", type=float, default=4.0, help="classifier-free guidance scale (1 = off)")
+  p.add_argument("--cfg-scale", type=float, default=None, help="classifier-free guidance scale (1 = off; default 4)")
   p.add_argument("--cfg-mode", default="all", choices=["all", "dit"],
                  help="'dit' guides only the first 3 channels, as the original DiT (FID 2.27 at 1.5)")
   p.add_argument("--guidance-interval", default=None, help="lo,hi noise levels in [0,1] where CFG applies")
   p.add_argument("--eta", type=float, default=0.0, help="DDIM eta")
-  p.add_argument("--shift", type=float, default=1.0, help="flow sigma shift")
-  p.add_argument("--flow-convention", default="sit", choices=["sit", "sd3"])
+  p.add_argument("--shift", type=float, default=None, help="flow sigma shift (default 1; 3 for an MMDiT)")
+  p.add_argument("--flow-convention", default=None, choices=["sit", "sd3"], help="DiT flow convention (default sit)")
+  p.add_argument("--slg-layers", default=None, help="MMDiT skip-layer guidance: comma-separated blocks (e.g. 7,8,9)")
+  p.add_argument("--slg-scale", type=float, default=None, help="skip-layer guidance scale (0 turns it off)")
+  p.add_argument("--slg-start", type=float, default=None, help="skip-layer guidance window start (fraction of steps)")
+  p.add_argument("--slg-stop", type=float, default=None, help="skip-layer guidance window stop (fraction of steps)")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--nrow", type=int, default=None, help="images per grid row")
   p.add_argument("--zoom", type=int, default=1, help="enlarge each image by this factor in the PNG (nearest)")
@@ -58,24 +73,53 @@ def _ints(text: str, what: str) -> np.ndarray:
     raise ValueError(f"{what} must be comma-separated integers, got {text!r}") from None
 
 
+MMDIT_FLAGS = ("cond", "latent_size", "preset", "slg_layers", "slg_scale", "slg_start", "slg_stop")
+COND_KEYS = {"context": "context", "pooled": "pooled", "negative_context": "context", "negative_pooled": "pooled"}
+
+
+def _decoder(args, dtype):
+  import dit_jax
+  from dit_jax import sampling
+
+  bundled = pathlib.Path(args.checkpoint) / "vae"
+  vae_dir = args.vae or (bundled if bundled.is_dir() else None)
+  if vae_dir is None or args.no_vae:
+    return None
+  return sampling.vae_decoder(dit_jax.load_vae(vae_dir, dtype=dtype))
+
+
 def run(args: argparse.Namespace) -> str:
+  from dit_jax.checkpoint import read_meta
+
+  out = pathlib.Path(args.out)
+  if out.suffix not in (".png", ".npz"):
+    raise ValueError(f"--out must end in .png or .npz, got {out.name}")
+  if args.zoom < 1:
+    raise ValueError("--zoom must be >= 1")
+  if args.method is not None and args.method not in METHODS:
+    raise ValueError(f"unknown method {args.method!r}; choose one of {', '.join(METHODS)}")
+  kind = read_meta(args.checkpoint)["kind"]
+  if kind == "mmdit":
+    return run_mmdit(args, out)
+  if kind != "dit":
+    raise ValueError(f"{args.checkpoint} is a {kind} checkpoint, not a diffusion model")
+  given = [f"--{name.replace('_', '-')}" for name in MMDIT_FLAGS if getattr(args, name) is not None]
+  if given:
+    raise ValueError(f"{given[0]} is for MMDiT checkpoints; a DiT is sampled from --class-labels")
+  return run_dit(args, out)
+
+
+def run_dit(args: argparse.Namespace, out: pathlib.Path) -> str:
   import jax.numpy as jnp
 
   import dit_jax
   from dit_jax import sampling
 
-  out = pathlib.Path(args.out)
-  if args.method not in METHODS:
-    raise ValueError(f"unknown method {args.method!r}; choose one of {', '.join(METHODS)}")
-  if out.suffix not in (".png", ".npz"):
-    raise ValueError(f"--out must end in .png or .npz, got {out.name}")
   if (out.suffix == ".npz") != (args.num_samples is not None):
     raise ValueError("--num-samples goes with an .npz output (and a .png grid takes --class-labels)")
   if args.num_samples is not None and (args.num_samples <= 0 or args.batch_size <= 0):
     raise ValueError("--num-samples and --batch-size must be positive")
   labels = _ints(args.class_labels, "--class-labels") if args.class_labels else None
-  if args.zoom < 1:
-    raise ValueError("--zoom must be >= 1")
   if out.suffix == ".png" and labels is None:
     raise ValueError("--class-labels is required for a PNG grid")
   interval = tuple(float(v) for v in args.guidance_interval.split(",")) if args.guidance_interval else None
@@ -83,17 +127,14 @@ def run(args: argparse.Namespace) -> str:
     raise ValueError("--guidance-interval takes two numbers: lo,hi")
   dtype = jnp.bfloat16 if args.bf16 else jnp.float32
   model = dit_jax.load(args.checkpoint, dtype=dtype)
-  decode = None
-  vae_dir = args.vae or (pathlib.Path(args.checkpoint) / "vae" if (pathlib.Path(args.checkpoint) / "vae").is_dir()
-                         else None)
-  if vae_dir is not None and not args.no_vae:
-    decode = sampling.vae_decoder(dit_jax.load_vae(vae_dir, dtype=dtype))
+  decode = _decoder(args, dtype)
   if labels is not None:
     from dit_jax.diffusion.samplers import check_labels
     check_labels(labels, model.config.num_classes)
-  kw = dict(method=args.method, steps=args.steps, respacing=args.respacing, cfg_scale=args.cfg_scale,
-            cfg_mode=args.cfg_mode, guidance_interval=interval, eta=args.eta, shift=args.shift,
-            flow_convention=args.flow_convention)
+  kw = dict(method=args.method or "ddpm", steps=args.steps, respacing=args.respacing,
+            cfg_scale=4.0 if args.cfg_scale is None else args.cfg_scale, cfg_mode=args.cfg_mode,
+            guidance_interval=interval, eta=args.eta, shift=1.0 if args.shift is None else args.shift,
+            flow_convention=args.flow_convention or "sit")
   out.parent.mkdir(parents=True, exist_ok=True)
   if out.suffix == ".png":
     images = sampling.generate_batch(model, labels, args.seed, 0, decode, **kw)
@@ -103,6 +144,100 @@ def run(args: argparse.Namespace) -> str:
   sampling.sample_to_npz(model, out, args.num_samples, args.batch_size, args.seed, labels=labels, decode=decode,
                          keep_shards=args.keep_shards, **kw)
   return f"wrote {out} ({args.num_samples} samples)"
+
+
+def read_cond(path: str) -> tuple[dict, dict | None]:
+  """cond.npz -> (cond, negative or None) mappings of context / pooled arrays."""
+  path = pathlib.Path(path)
+  if not path.is_file():
+    raise FileNotFoundError(f"--cond file {path} not found")
+  try:
+    with np.load(path, allow_pickle=False) as data:
+      arrays = {k: data[k] for k in data.files}
+  except (OSError, ValueError) as e:
+    raise ValueError(f"--cond {path.name} is not a readable .npz ({str(e).splitlines()[0]})") from None
+  unknown = sorted(set(arrays) - set(COND_KEYS))
+  missing = [k for k in ("context", "pooled") if k not in arrays]
+  if missing or unknown:
+    raise ValueError(f"--cond {path.name} needs arrays context and pooled (optional negative_context, "
+                     f"negative_pooled): missing {', '.join(missing) or 'none'}, "
+                     f"unexpected {', '.join(unknown) or 'none'}")
+  negatives = [k for k in ("negative_context", "negative_pooled") if k in arrays]
+  if len(negatives) == 1:
+    raise ValueError(f"--cond {path.name} has {negatives[0]} without its partner; give both negative arrays or none")
+  cond = {COND_KEYS[k]: arrays[k] for k in ("context", "pooled")}
+  negative = {COND_KEYS[k]: arrays[k] for k in negatives} or None
+  return cond, negative
+
+
+def sampling_options(args: argparse.Namespace) -> dict:
+  """Method, steps, shift, CFG and skip-layer guidance for an MMDiT: defaults < --preset < explicit flags."""
+  from dit_jax.sampling import load_preset
+
+  opts = dict(method="euler", steps=None, shift=3.0, cfg_scale=4.0, skip_layer_guidance=None)
+  if args.preset:
+    preset = load_preset(args.preset)
+    opts.update({k: preset[k] for k in opts})
+    if opts["skip_layer_guidance"] is not None:
+      opts["skip_layer_guidance"] = opts["skip_layer_guidance"].to_dict()
+  for key, value in (("method", args.method), ("steps", args.steps), ("shift", args.shift),
+                     ("cfg_scale", args.cfg_scale)):
+    if value is not None:
+      opts[key] = value
+  slg = dict(opts["skip_layer_guidance"] or {})
+  if args.slg_layers is not None:
+    slg["layers"] = [int(v) for v in _ints(args.slg_layers, "--slg-layers")]
+  for key in ("scale", "start", "stop"):
+    if getattr(args, f"slg_{key}") is not None:
+      slg[key] = getattr(args, f"slg_{key}")
+  if slg and ("layers" not in slg or "scale" not in slg):
+    raise ValueError("skip-layer guidance needs --slg-layers and --slg-scale (or a preset that sets them)")
+  opts["skip_layer_guidance"] = slg if slg and slg["scale"] != 0 else None
+  return opts
+
+
+def run_mmdit(args: argparse.Namespace, out: pathlib.Path) -> str:
+  import jax
+  import jax.numpy as jnp
+
+  import dit_jax
+  from dit_jax import sampling
+  from dit_jax.diffusion.samplers import check_latent_size, check_text_cond
+
+  for flag, value in (("--class-labels", args.class_labels), ("--num-samples", args.num_samples),
+                      ("--respacing", args.respacing), ("--guidance-interval", args.guidance_interval)):
+    if value is not None:
+      raise ValueError(f"{flag} is not for an MMDiT checkpoint (sample from text embeddings with --cond)")
+  if args.flow_convention not in (None, "sd3"):
+    raise ValueError("an MMDiT uses the sd3 flow convention")
+  if args.cond is None:
+    raise ValueError("an MMDiT checkpoint needs --cond cond.npz (context (B, L, D) and pooled (B, Dp) arrays)")
+  cond, negative = read_cond(args.cond)
+  opts = sampling_options(args)
+  dtype = jnp.bfloat16 if args.bf16 else jnp.float32
+  model = dit_jax.load(args.checkpoint, dtype=dtype)
+  try:
+    check_text_cond(model.config, cond, negative)
+  except ValueError as e:
+    raise ValueError(f"--cond {pathlib.Path(args.cond).name}: {e}") from None
+  latent_size = None
+  if args.latent_size is not None:
+    latent_size = tuple(int(v) for v in _ints(args.latent_size, "--latent-size"))
+    if len(latent_size) != 2:
+      raise ValueError(f"--latent-size takes H,W in latent pixels, got {args.latent_size!r}")
+  latent_size = check_latent_size(model.config, latent_size)
+  decode = _decoder(args, dtype)
+  key = jax.random.fold_in(jax.random.key(args.seed), 0)
+  latents = dit_jax.sample(model, cond, key, negative=negative, latent_size=latent_size, cfg_mode=args.cfg_mode,
+                           **opts)
+  images = sampling.to_uint8(jax.device_get(decode(latents) if decode is not None else latents))
+  out.parent.mkdir(parents=True, exist_ok=True)
+  if out.suffix == ".npz":
+    sampling.save_npz(out, arr_0=images, latents=np.asarray(jax.device_get(latents), np.float32))
+  else:
+    images = sampling.displayable(images).repeat(args.zoom, axis=1).repeat(args.zoom, axis=2)
+    sampling.save_png(out, sampling.image_grid(images, args.nrow))
+  return f"wrote {out} ({len(images)} samples, {opts['method']} {opts['steps'] or 'default'} steps)"
 
 
 def main(argv=None) -> int:

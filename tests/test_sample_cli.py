@@ -96,3 +96,120 @@ def test_bad_input_gets_one_line_error(ckpt, tmp, extra, fragment):
 def test_missing_checkpoint_is_one_line(tmp):
   result = _run("--checkpoint", tmp / "nope", "--class-labels", "1", "--out", tmp / "x.png")
   assert result.returncode == 2 and result.stderr.strip().startswith("error: ") and "\n" not in result.stderr.strip()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# MMDiT checkpoints: --cond text embeddings, presets, bundled 16-channel VAE with shift_factor
+
+MMDIT = dict(sample_size=8, patch_size=2, in_channels=16, num_layers=2, attention_head_dim=8, num_attention_heads=2,
+             joint_attention_dim=12, caption_projection_dim=16, pooled_projection_dim=6, out_channels=16,
+             pos_embed_max_size=8, qk_norm="rms_norm", dual_attention_layers=(0,))
+
+
+def _sample_main(argv, capsys) -> tuple[int, str]:
+  import importlib.util
+
+  spec = importlib.util.spec_from_file_location("sample_cli", REPO / "sample.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  code = module.main([str(a) for a in argv])
+  return code, capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def mmdit_ckpt(tmp_path_factory):
+  import jax
+  from flax import nnx
+
+  from dit_jax.models.mmdit import MMDiT, MMDiTConfig
+  from dit_jax.models.vae import AutoencoderKL, VAEConfig
+
+  tmp = tmp_path_factory.mktemp("mmdit")
+  rng = np.random.default_rng(1)
+
+  def random(make):  # abstract init (fast), then random weights of a moderate scale
+    graphdef, state = nnx.split(nnx.eval_shape(make))
+    return nnx.merge(graphdef, jax.tree.map(lambda a: 0.2 * rng.standard_normal(a.shape).astype(np.float32), state))
+
+  model = random(lambda: MMDiT(MMDiTConfig(**MMDIT), rngs=nnx.Rngs(0)))
+  vae = random(lambda: AutoencoderKL(VAEConfig(latent_channels=16, block_out_channels=(32, 32), layers_per_block=1,
+                                               scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False,
+                                               use_post_quant_conv=False), rngs=nnx.Rngs(0)))
+  dit_jax.save(model, tmp / "ckpt", vae=vae)
+  rng = np.random.default_rng(0)
+  cond = dict(context=rng.standard_normal((3, 4, 12)), pooled=rng.standard_normal((3, 6)),
+              negative_context=rng.standard_normal((1, 4, 12)), negative_pooled=rng.standard_normal((1, 6)))
+  np.savez(tmp / "cond.npz", **cond)
+  return tmp, cond
+
+
+def test_mmdit_cond_npz_with_preset_decodes_through_bundled_vae(mmdit_ckpt, tmp, capsys):
+  import jax
+
+  base, cond = mmdit_ckpt
+  args = ["--checkpoint", base / "ckpt", "--cond", base / "cond.npz", "--preset", "sd35_medium:diffusers",
+          "--steps", "3", "--slg-layers", "1", "--latent-size", "8,6", "--seed", "4"]
+  code, err = _sample_main([*args, "--out", tmp / "s.npz"], capsys)
+  assert code == 0, err
+  data = np.load(tmp / "s.npz")
+  images, latents = data["arr_0"], data["latents"]
+  assert images.dtype == np.uint8 and images.shape == (3, 16, 12, 3) and latents.shape == (3, 8, 6, 16)
+  assert len(np.unique(images)) > 50 and np.isfinite(latents).all()
+  # explicit --steps / --slg-layers override the preset; the rest (euler, shift 3, cfg 7, SLG 2.8) comes from it
+  model, vae = dit_jax.load(base / "ckpt"), dit_jax.load_vae(base / "ckpt")
+  negative = dict(context=cond["negative_context"], pooled=cond["negative_pooled"])
+  expected = dit_jax.sample(model, dict(context=cond["context"], pooled=cond["pooled"]),
+                            jax.random.fold_in(jax.random.key(4), 0), method="euler", steps=3, shift=3.0,
+                            cfg_scale=7.0, negative=negative, latent_size=(8, 6),
+                            skip_layer_guidance=dict(layers=[1], scale=2.8, start=0.01, stop=0.2))
+  np.testing.assert_allclose(latents, expected, rtol=0, atol=1e-6)
+  decoded = vae.decode(np.asarray(expected) / 1.5305 + 0.0609)  # SD3 units -> raw latents: z / scale + shift
+  assert np.abs(images.astype(int) - sampling.to_uint8(np.clip(decoded, -1, 1)).astype(int)).max() <= 1
+  code, err = _sample_main([*args, "--out", tmp / "g.png"], capsys)
+  assert code == 0, err
+  assert np.asarray(Image.open(tmp / "g.png")).shape == (2 * (16 + 2) + 2, 2 * (12 + 2) + 2, 3)
+
+
+def _write_cond(path, **arrays):
+  np.savez(path, **arrays)
+  return path
+
+
+@pytest.mark.parametrize("case,fragment", [
+    ("no_file", "--cond file"),
+    ("no_pooled", "missing pooled"),
+    ("rank", "cond context has shape (3, 12)"),
+    ("dim", "cond pooled has shape (3, 5)"),
+    ("batch", "context has 3 rows, pooled 2"),
+    ("negative_rows", "negative context has 2 rows; expected 1 or the batch size 3"),
+    ("half_negative", "negative_context without its partner"),
+    ("latent_size", "latent_size 8x18 exceeds pos_embed_max_size * patch_size = 16"),
+    ("labels", "--class-labels is not for an MMDiT checkpoint"),
+    ("no_cond", "an MMDiT checkpoint needs --cond"),
+    ("preset", "unknown sampling preset 'sd4'"),
+    ("slg_layer", "skip_layer_guidance layers [5] outside the model's blocks 0..1"),
+])
+def test_mmdit_bad_input_gets_one_line_error(mmdit_ckpt, tmp, capsys, case, fragment):
+  base, cond = mmdit_ckpt
+  ctx, pooled = cond["context"], cond["pooled"]
+  files = {
+      "no_pooled": dict(context=ctx), "rank": dict(context=ctx[:, 0], pooled=pooled),
+      "dim": dict(context=ctx, pooled=pooled[:, :5]), "batch": dict(context=ctx, pooled=pooled[:2]),
+      "negative_rows": dict(context=ctx, pooled=pooled, negative_context=ctx[:2], negative_pooled=pooled[:1]),
+      "half_negative": dict(context=ctx, pooled=pooled, negative_context=ctx[:1]),
+  }
+  cond_file = _write_cond(tmp / "c.npz", **files[case]) if case in files else base / "cond.npz"
+  cond_args = {"no_file": ["--cond", tmp / "none.npz"], "no_cond": []}.get(case, ["--cond", cond_file])
+  extra = {"latent_size": ["--latent-size", "8,18"], "labels": ["--class-labels", "1"], "preset": ["--preset", "sd4"],
+           "slg_layer": ["--slg-layers", "5", "--slg-scale", "2"]}.get(case, [])
+  argv = ["--checkpoint", base / "ckpt", "--out", tmp / "x.png", "--steps", "2", *cond_args, *extra]
+  code, err = _sample_main(argv, capsys)
+  lines = [ln for ln in err.splitlines() if ln.strip() and not ln.startswith(("INFO", "WARNING"))]
+  assert code == 2 and len(lines) == 1 and fragment in lines[0], err
+  assert not (tmp / "x.png").exists()
+
+
+def test_cond_given_to_a_dit_is_one_line(ckpt, mmdit_ckpt, tmp, capsys):
+  code, err = _sample_main(["--checkpoint", ckpt, "--cond", mmdit_ckpt[0] / "cond.npz", "--out", tmp / "x.png"],
+                           capsys)
+  assert code == 2 and "--cond is for MMDiT checkpoints" in err and len(err.strip().splitlines()) == 1, err

@@ -1,4 +1,5 @@
-"""Sampling loops, each one ``lax.fori_loop`` inside a single ``jax.jit``, and the public ``sample`` entry point.
+"""Sampling loops, each one ``lax.fori_loop`` inside a single ``jax.jit``, and the public ``sample`` entry point
+for class-conditional DiTs and text-conditional MMDiTs (SD3 flow convention, CFG, skip-layer guidance).
 
 VP (DDPM / IDDPM): ``ddpm`` (ancestral, learned or fixed variance) and ``ddim`` (eta). Flow: ``euler``, ``heun``,
 ``dpmpp_2m`` (diffusers' flow mode), ``dpmpp_2m_sd35`` (the Stability sd3.5 reference), ``sde`` (SiT's
@@ -7,7 +8,9 @@ Euler-Maruyama); see :mod:`dit_jax.diffusion.flow`. Stochastic samplers take eit
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
+from collections.abc import Mapping
 from typing import Callable
 
 import jax
@@ -17,6 +20,7 @@ from flax import nnx
 
 from dit_jax.diffusion import guidance
 from dit_jax.diffusion.vp import GaussianDiffusion, create_diffusion
+from dit_jax.models.mmdit import MMDiT, MMDiTConfig
 
 VP_METHODS = ("ddpm", "ddim")
 FLOW_METHODS = ("euler", "heun", "dpmpp_2m", "dpmpp_2m_sd35", "sde")
@@ -122,68 +126,193 @@ def flow_schedule(method: str, steps: int, shift: float, convention: str) -> np.
   return np.asarray(flow.shift_sigmas(sigmas, shift), np.float32) if shift != 1.0 else sigmas
 
 
+@dataclasses.dataclass(frozen=True)
+class _Options:
+  """Static sampling options (hashable: one compiled sampler per model structure and options)."""
+
+  method: str
+  steps: int
+  cfg_scale: float
+  cfg_mode: str
+  interval: tuple[float, float] | None
+  respacing: str | None
+  eta: float
+  shift: float
+  convention: str
+  slg: guidance.SkipLayerGuidance | None
+
+
+def _network(model: nnx.Module, skip_layers: tuple[int, ...] = ()) -> guidance.CondModelFn:
+  """model(x, t, cond) for a DiT (cond = labels) or an MMDiT (cond = {'context', 'pooled'})."""
+  if isinstance(model, MMDiT):
+    return lambda x, t, c: model(x, t, c["context"], c["pooled"], skip_layers=skip_layers)
+  return lambda x, t, y: model(x, t, y)
+
+
+def _flow_solve(method, velocity, x, sigmas, step_noise, key):
+  from dit_jax.diffusion import flow
+
+  if method == "sde":
+    return flow.euler_maruyama(velocity, x, sigmas, step_noise=step_noise, key=key)
+  solver = {"euler": flow.euler, "heun": flow.heun, "dpmpp_2m": flow.dpmpp_2m,
+            "dpmpp_2m_sd35": flow.dpmpp_2m_sd35}[method]
+  return solver(velocity, x, sigmas)
+
+
 @functools.lru_cache(maxsize=32)
-def _compiled(graphdef, method: str, steps: int, cfg_scale: float, cfg_mode: str, interval, respacing, eta: float,
-              shift: float, convention: str):
+def _compiled(graphdef, o: _Options):
   """One jitted sampler per (model structure, static options)."""
-  def run(state, labels, x, step_noise, key):
+  def run(state, cond, uncond, x, step_noise, key):
     model = nnx.merge(graphdef, state)
     cfg = model.config
-    raw = lambda x, t, y: model(x, t, y)
-    if method in VP_METHODS:
-      diffusion = create_diffusion(respacing or str(steps))
-      level = lambda t: t / 1000.0
-      model_fn = guidance.classifier_free(raw, labels, cfg.num_classes, cfg_scale, latent_channels=cfg.in_channels,
-                                          mode=cfg_mode, interval=interval, noise_level=level)
-      kw = dict(step_noise=step_noise, key=key)
-      if method == "ddpm":
-        return ddpm(diffusion, model_fn, x, **kw)
-      return ddim(diffusion, model_fn, x, eta=eta, **kw)
+    if uncond is None:  # DiT: the null class
+      uncond = jnp.full_like(cond, cfg.num_classes)
+    net = _network(model)
+    kw = dict(latent_channels=cfg.in_channels, mode=o.cfg_mode, interval=o.interval)
+    if o.method in VP_METHODS:
+      diffusion = create_diffusion(o.respacing or str(o.steps))
+      model_fn = guidance.guided(net, cond, uncond, o.cfg_scale, noise_level=lambda t: t / 1000.0, **kw)
+      noise_kw = dict(step_noise=step_noise, key=key)
+      if o.method == "ddpm":
+        return ddpm(diffusion, model_fn, x, **noise_kw)
+      return ddim(diffusion, model_fn, x, eta=o.eta, **noise_kw)
     from dit_jax.diffusion import flow
 
-    conv = flow.CONVENTIONS[convention]
-    on_sigma = lambda x, sigma, y: model(x, conv.model_time(sigma), y)
-    model_fn = guidance.classifier_free(on_sigma, labels, cfg.num_classes, cfg_scale,
-                                        latent_channels=cfg.in_channels, mode=cfg_mode, interval=interval,
-                                        noise_level=lambda sigma: sigma)
+    conv = flow.CONVENTIONS[o.convention]
+    sigmas = jnp.asarray(flow_schedule(o.method, o.steps, o.shift, o.convention))
+    on_sigma = lambda f: (lambda x, sigma, c: f(x, conv.model_time(sigma), c))
+    if o.slg is not None:
+      window = jnp.asarray(o.slg.window(o.steps))
+      # the step index of a schedule sigma: how many schedule entries lie above it (exact: same float32 values)
+      kw.update(skip_fn=on_sigma(_network(model, o.slg.layers)), skip_scale=o.slg.scale,
+                skip_active=lambda sigma: window[jnp.minimum(jnp.sum(sigmas[:-1] > sigma[0]), o.steps - 1)])
+    model_fn = guidance.guided(on_sigma(net), cond, uncond, o.cfg_scale, noise_level=lambda sigma: sigma, **kw)
     velocity = lambda x, sigma: conv.to_sd3_velocity(model_fn(x, sigma)[..., :cfg.in_channels])
-    sigmas = jnp.asarray(flow_schedule(method, steps, shift, convention))
-    if method == "sde":
-      return flow.euler_maruyama(velocity, x, sigmas, step_noise=step_noise, key=key)
-    solver = {"euler": flow.euler, "heun": flow.heun, "dpmpp_2m": flow.dpmpp_2m,
-              "dpmpp_2m_sd35": flow.dpmpp_2m_sd35}[method]
-    return solver(velocity, x, sigmas)
+    return _flow_solve(o.method, velocity, x, sigmas, step_noise, key)
 
   return jax.jit(run)
 
 
-def sample(model: nnx.Module, cond, key: jax.Array | None = None, *, method: str = "ddpm", steps: int | None = None,
-           cfg_scale: float = 1.0, cfg_mode: str = "all", guidance_interval: tuple[float, float] | None = None,
-           noise: jax.Array | None = None, step_noise: jax.Array | None = None, respacing: str | None = None,
-           eta: float = 0.0, shift: float = 1.0, flow_convention: str = "sit", mesh: jax.sharding.Mesh | None = None
+TEXT_KEYS = ("context", "pooled")
+
+
+def check_text_cond(config: MMDiTConfig, cond, negative=None) -> tuple[dict, dict]:
+  """Validate an MMDiT condition; returns float32 (cond, uncond) dicts of context (B, L, D) and pooled (B, Dp).
+
+  ``negative`` (same keys, 1 or B rows, same L) defaults to zeros of the cond shapes, the empty condition of
+  dit_jax's MMDiT training dropout; a one-row negative is broadcast to B rows.
+  """
+  dims = {"context": (3, config.joint_attention_dim, "(B, L, joint_attention_dim)"),
+          "pooled": (2, config.pooled_projection_dim, "(B, pooled_projection_dim)")}
+
+  def arrays(m, what):
+    if not isinstance(m, Mapping):
+      raise ValueError(f"an MMDiT is conditioned on text embeddings: {what} must be a mapping with keys context "
+                       f"(B, L, {config.joint_attention_dim}) and pooled (B, {config.pooled_projection_dim}), "
+                       f"not {type(m).__name__} (class labels go to a DiT)")
+    missing, extra = [k for k in TEXT_KEYS if k not in m], sorted(set(m) - set(TEXT_KEYS))
+    if missing or extra:
+      raise ValueError(f"{what} must have exactly the keys context and pooled; "
+                       + ", ".join(([f"missing {', '.join(missing)}"] if missing else [])
+                                   + ([f"unexpected {', '.join(extra)}"] if extra else [])))
+    out = {k: np.asarray(m[k], np.float32) for k in TEXT_KEYS}
+    for k, (ndim, dim, shape) in dims.items():
+      if out[k].ndim != ndim or out[k].shape[-1] != dim:
+        raise ValueError(f"{what} {k} has shape {out[k].shape}, expected {shape} = (..., {dim}) for this model")
+    return out
+
+  c = arrays(cond, "cond")
+  b = c["context"].shape[0]
+  if c["pooled"].shape[0] != b or b == 0:
+    raise ValueError(f"cond batch mismatch: context has {b} rows, pooled {c['pooled'].shape[0]}")
+  if negative is None:
+    return c, {k: np.zeros_like(v) for k, v in c.items()}
+  u = arrays(negative, "negative")
+  for k, v in u.items():
+    if v.shape[0] not in (1, b):
+      raise ValueError(f"negative {k} has {v.shape[0]} rows; expected 1 or the batch size {b}")
+  if u["context"].shape[1] != c["context"].shape[1]:
+    raise ValueError(f"negative context has {u['context'].shape[1]} tokens, cond context "
+                     f"{c['context'].shape[1]}; they must match")
+  return c, {k: np.broadcast_to(v, (b, *v.shape[1:])).copy() for k, v in u.items()}
+
+
+def check_latent_size(config: MMDiTConfig, latent_size) -> tuple[int, int]:
+  """(h, w) latent pixels for an MMDiT: multiples of the patch size, at most pos_embed_max_size * patch_size."""
+  p, limit = config.patch_size, config.pos_embed_max_size * config.patch_size
+  if latent_size is None:
+    latent_size = (config.sample_size, config.sample_size)
+  try:
+    h, w = (int(v) for v in latent_size)
+  except (TypeError, ValueError):
+    raise ValueError(f"latent_size must be (height, width) in latent pixels, got {latent_size!r}") from None
+  if min(h, w) <= 0 or h % p or w % p:
+    raise ValueError(f"latent_size {h}x{w} must be positive multiples of the patch size {p}")
+  if max(h, w) > limit:
+    raise ValueError(f"latent_size {h}x{w} exceeds pos_embed_max_size * patch_size = {limit} latent pixels per side")
+  return h, w
+
+
+def sample(model: nnx.Module, cond, key: jax.Array | None = None, *, method: str | None = None,
+           steps: int | None = None, cfg_scale: float = 1.0, cfg_mode: str = "all",
+           guidance_interval: tuple[float, float] | None = None, negative: Mapping | None = None,
+           skip_layer_guidance: Mapping | guidance.SkipLayerGuidance | None = None,
+           latent_size: tuple[int, int] | None = None, noise: jax.Array | None = None,
+           step_noise: jax.Array | None = None, respacing: str | None = None, eta: float = 0.0,
+           shift: float | None = None, flow_convention: str | None = None, mesh: jax.sharding.Mesh | None = None
            ) -> jax.Array:
-  """Sample latents from a class-conditional DiT; the whole loop runs inside one ``jax.jit``.
+  """Sample latents from a DiT (class labels) or an MMDiT (text embeddings); the whole loop runs in one jax.jit.
 
   Args:
-    model: a DiT (``dit_jax.load``).
-    cond: (B,) int class ids (``model.config.num_classes`` = the null class).
+    model: a DiT or an MMDiT (``dit_jax.load``).
+    cond: DiT: (B,) int class ids (``model.config.num_classes`` = the null class). MMDiT: {"context": (B, L,
+      joint_attention_dim), "pooled": (B, pooled_projection_dim)}.
     key: PRNG key for the initial latent and per-step noise (not needed when both are given).
-    method: 'ddpm' | 'ddim' (VP, eps models) or 'euler' | 'heun' | 'dpmpp_2m' | 'dpmpp_2m_sd35' | 'sde' (flow;
-      schedules in :func:`flow_schedule`).
+    method: 'ddpm' | 'ddim' (VP, eps models; DiT only) or 'euler' | 'heun' | 'dpmpp_2m' | 'dpmpp_2m_sd35' | 'sde'
+      (flow; schedules in :func:`flow_schedule`). Default: 'ddpm' for a DiT, 'euler' for an MMDiT.
     steps: sampling steps. For VP, N respaces like the original scripts (``create_diffusion(str(N))``);
       ``respacing`` ('250', 'a,b,c' or 'ddim50') overrides it. Defaults: DEFAULT_STEPS.
-    cfg_scale: classifier-free guidance scale (1 = none); cfg_mode 'all' or 'dit' (first three channels).
+    cfg_scale: classifier-free guidance scale, out = u + s (c - u) (1 = none: one conditional pass; diffusers'
+      guidance_scale <= 1 is 1 here); cfg_mode 'all' or 'dit' (first three channels).
     guidance_interval: (lo, hi) noise levels in [0, 1] where guidance applies.
+    negative: MMDiT: the unconditional branch's {"context", "pooled"}, 1 or B rows (default zeros).
+    skip_layer_guidance: MMDiT: {"layers": (7, 8, 9), "scale": 2.8, "start": 0.01, "stop": 0.2}; after CFG, steps
+      i with start*steps < i < stop*steps add scale * (cond - cond with those blocks skipped). diffusers runs it
+      only when guidance_scale > 1; here it runs whenever given.
+    latent_size: MMDiT: (h, w) latent pixels (default (sample_size, sample_size)).
     noise: (B, H, W, C) initial latent; step_noise: (steps, B, H, W, C) per-step normals (ddpm, ddim eta>0, sde).
-    shift: flow sigma shift; flow_convention: 'sit' (t in [0,1], t=1 data) or 'sd3' (t = 1000 sigma).
+    shift: flow sigma shift (default 1 for a DiT, 3 for an MMDiT); flow_convention: 'sit' (t in [0,1], t=1 data;
+      the DiT default) or 'sd3' (t = 1000 sigma, velocity = noise - data; always for an MMDiT).
     mesh: shard the batch over every axis of this mesh (parameters replicated).
   Returns:
     (B, H, W, C) final latents, float32.
   """
   cfg = model.config
-  labels = np.asarray(cond)
-  check_labels(labels, cfg.num_classes)
-  latent_shape = (labels.shape[0], cfg.input_size, cfg.input_size, cfg.in_channels)
+  if isinstance(model, MMDiT):
+    method = method or "euler"
+    if method in VP_METHODS:
+      raise ValueError(f"an MMDiT is a flow model: method {method!r} is VP-only; use one of "
+                       f"{', '.join(m for m in FLOW_METHODS)}")
+    if flow_convention not in (None, "sd3"):
+      raise ValueError(f"an MMDiT uses the sd3 flow convention, not {flow_convention!r}")
+    flow_convention, shift = "sd3", 3.0 if shift is None else shift
+    cond, uncond = check_text_cond(cfg, cond, negative)
+    latent_shape = (cond["context"].shape[0], *check_latent_size(cfg, latent_size), cfg.in_channels)
+    slg = guidance.SkipLayerGuidance.parse(skip_layer_guidance)
+    if slg is not None and not all(0 <= i < cfg.num_layers for i in slg.layers):
+      raise ValueError(f"skip_layer_guidance layers {list(slg.layers)} outside the model's blocks "
+                       f"0..{cfg.num_layers - 1}")
+  else:
+    for name, value in (("negative", negative), ("skip_layer_guidance", skip_layer_guidance),
+                        ("latent_size", latent_size)):
+      if value is not None:
+        raise ValueError(f"{name} is for MMDiT models; a DiT takes class labels and its fixed input size")
+    if isinstance(cond, Mapping):
+      raise ValueError("a DiT is conditioned on (B,) class labels, not a text-embedding mapping")
+    method, shift, flow_convention = method or "ddpm", 1.0 if shift is None else shift, flow_convention or "sit"
+    cond, uncond, slg = np.asarray(cond), None, None
+    check_labels(cond, cfg.num_classes)
+    latent_shape = (cond.shape[0], cfg.input_size, cfg.input_size, cfg.in_channels)
   _validate(method, steps, cfg_scale, step_noise, latent_shape, respacing)
   steps = steps or DEFAULT_STEPS[method]
   if method in VP_METHODS:
@@ -203,15 +332,16 @@ def sample(model: nnx.Module, cond, key: jax.Array | None = None, *, method: str
     raise ValueError(f"noise has shape {tuple(x.shape)}, expected {latent_shape}")
   graphdef, state = nnx.split(model)
   interval = tuple(float(v) for v in guidance_interval) if guidance_interval is not None else None
-  fn = _compiled(graphdef, method, steps, float(cfg_scale), cfg_mode, interval, respacing, float(eta), float(shift),
-                 flow_convention)
-  labels = jnp.asarray(labels, jnp.int32)
+  fn = _compiled(graphdef, _Options(method, steps, float(cfg_scale), cfg_mode, interval, respacing, float(eta),
+                                    float(shift), flow_convention, slg))
+  cond = jax.tree.map(jnp.asarray, cond) if uncond is not None else jnp.asarray(cond, jnp.int32)
+  uncond = jax.tree.map(jnp.asarray, uncond) if uncond is not None else None
   step_noise = jnp.asarray(step_noise, jnp.float32) if step_noise is not None else None
   if mesh is not None:
     batch = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(mesh.axis_names))
     steps_batch = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, mesh.axis_names))
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     state = jax.device_put(state, replicated)
-    labels, x = jax.device_put(labels, batch), jax.device_put(x, batch)
+    cond, uncond, x = jax.device_put((cond, uncond, x), batch)
     step_noise = jax.device_put(step_noise, steps_batch) if step_noise is not None else None
-  return fn(state, labels, x, step_noise, loop_key)
+  return fn(state, cond, uncond, x, step_noise, loop_key)
