@@ -4,7 +4,8 @@ Public API:
   load(path, dtype=jnp.float32)  -> NNX model from a checkpoint directory (``model.config``)
   load_vae(path)                 -> the AutoencoderKL of a VAE checkpoint or of a model directory bundling one
   save(model, out_dir)           -> write a checkpoint directory
-  sample(model, labels, key, *, method, steps, cfg_scale, ...) -> final latents (jitted sampling loop)
+  sample(model, cond, key, *, method, steps, cfg_scale, negative, skip_layer_guidance, latent_size, ...)
+                                 -> final latents (one jitted loop; DiT: class ids, MMDiT: {"context", "pooled"})
   DiT, DiTConfig, dit_config     -> the model, its config and the paper's named configs (CONFIGS)
   MMDiT, MMDiTConfig             -> SD3 / SD3.5 multimodal DiT
 """
