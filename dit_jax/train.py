@@ -1,6 +1,10 @@
 """Training: sharded train state, jitted step (VP hybrid loss or rectified flow), EMA, orbax checkpoints with
 exact resume, non-finite guard, SIGTERM handling and clu metrics.
 
+``model.kind`` 'dit' trains a class-conditional DiT on {"image", "label"} batches; 'mmdit' trains an SD3-style
+MMDiT with rectified flow (SD3 convention) on {"image", "context", "pooled"} batches, dropping each example's
+conditioning to zeros with probability ``cond_dropout_prob``.
+
 The step is ``jax.jit`` over ``nnx.split`` state with explicit shardings derived from the parameters' logical
 axis names (:mod:`dit_jax.parallel`) and the state donated. Randomness of step s is ``fold_in(key(seed), s)`` and
 the input position is checkpointed, so a resumed run computes exactly what an uninterrupted one would.
@@ -25,6 +29,8 @@ from flax import nnx
 from dit_jax import checkpoint, parallel
 from dit_jax.diffusion import flow, vp
 from dit_jax.models.dit import DiT, DiTConfig, dit_config, flops_per_image
+from dit_jax.models.mmdit import MMDiT, MMDiTConfig
+from dit_jax.models.mmdit import flops_per_sample as mmdit_flops
 from dit_jax.train_config import validate
 
 logger = logging.getLogger("dit_jax")
@@ -48,7 +54,14 @@ class TrainState:
 # Model, optimizer, objective
 
 
-def model_config(config: ml_collections.ConfigDict) -> DiTConfig:
+BATCH_NDIMS = {"dit": {"image": 4, "label": 1}, "mmdit": {"image": 4, "context": 3, "pooled": 2}}
+
+
+def model_config(config: ml_collections.ConfigDict) -> DiTConfig | MMDiTConfig:
+  if config.model.kind == "mmdit":
+    fields = dict(config.mmdit)
+    fields["qk_norm"] = fields["qk_norm"] or None
+    return MMDiTConfig(**fields)
   m = config.model
   fields = dict(input_size=m.input_size, in_channels=m.in_channels, num_classes=m.num_classes,
                 learn_sigma=m.learn_sigma, class_dropout_prob=m.class_dropout_prob, mlp_ratio=m.mlp_ratio)
@@ -58,8 +71,11 @@ def model_config(config: ml_collections.ConfigDict) -> DiTConfig:
   return DiTConfig(**fields, **sizes)
 
 
-def build_model(config: ml_collections.ConfigDict, rngs: nnx.Rngs) -> DiT:
+def build_model(config: ml_collections.ConfigDict, rngs: nnx.Rngs) -> DiT | MMDiT:
   dtype = jnp.bfloat16 if config.compute_dtype == "bfloat16" else jnp.float32
+  if config.model.kind == "mmdit":
+    return MMDiT(model_config(config), rngs=rngs, dtype=dtype, param_dtype=jnp.float32,
+                 attention_impl=config.attention_impl)
   return DiT(model_config(config), rngs=rngs, dtype=dtype, param_dtype=jnp.float32,
              attention_impl=config.attention_impl, remat=config.remat, scan_layers=config.scan_layers)
 
@@ -81,12 +97,27 @@ def optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation
   return optax.chain(optax.clip_by_global_norm(o.grad_clip), adamw) if o.grad_clip > 0 else adamw
 
 
-def loss_fn(config: ml_collections.ConfigDict, model: DiT, batch: dict[str, jax.Array], key: jax.Array) -> jax.Array:
+def model_flops_per_image(cfg: DiTConfig | MMDiTConfig, batch: dict[str, np.ndarray]) -> float:
+  """Forward FLOPs per example (an MMDiT's depend on the batch's latent and context sizes)."""
+  if isinstance(cfg, DiTConfig):
+    return flops_per_image(cfg)
+  _, h, w, _ = batch["image"].shape
+  return mmdit_flops(cfg, h, w, batch["context"].shape[1])
+
+
+def loss_fn(config: ml_collections.ConfigDict, model: DiT | MMDiT, batch: dict[str, jax.Array],
+            key: jax.Array) -> jax.Array:
   """Mean training loss of one batch: the VP hybrid loss or the rectified-flow velocity MSE."""
-  x0, y = batch["image"], batch["label"]
+  x0 = batch["image"]
   k_t, k_noise, k_drop = jax.random.split(key, 3)
   noise = jax.random.normal(k_noise, x0.shape, jnp.float32)
-  net = lambda x, t: model(x, t, y, dropout_key=k_drop).astype(jnp.float32)
+  if config.model.kind == "mmdit":
+    keep = jax.random.bernoulli(k_drop, 1.0 - config.cond_dropout_prob, (x0.shape[0],))
+    context = jnp.where(keep[:, None, None], batch["context"], 0.0)
+    pooled = jnp.where(keep[:, None], batch["pooled"], 0.0)
+    net = lambda x, t: model(x, t, context, pooled).astype(jnp.float32)
+  else:
+    net = lambda x, t: model(x, t, batch["label"], dropout_key=k_drop).astype(jnp.float32)
   if config.objective == "vp":
     diffusion = vp.create_diffusion("")
     t = jax.random.randint(k_t, (x0.shape[0],), 0, diffusion.num_timesteps)
@@ -126,7 +157,8 @@ class Trainer:
     self.model_config = abstract.config
     self.global_batch = config.global_batch_size
     self._init = jax.jit(self._init_fn, out_shardings=(self.state_shardings, self.rest_shardings))
-    batch_sh = {"image": parallel.batch_sharding(mesh, ndim=4), "label": parallel.batch_sharding(mesh)}
+    self.batch_ndims = BATCH_NDIMS[config.model.kind]
+    batch_sh = {k: parallel.batch_sharding(mesh, ndim=n) for k, n in self.batch_ndims.items()}
     self._step = jax.jit(self._step_fn, in_shardings=(self.state_shardings, self.rest_shardings, batch_sh),
                          out_shardings=(self.state_shardings, scalar), donate_argnums=(0,))
 
@@ -186,9 +218,15 @@ class Trainer:
     return new_state, metrics
 
   def step(self, state: TrainState, rest: nnx.State, batch: dict[str, np.ndarray]):
-    return self._step(state, rest, parallel.global_batch(batch, self.mesh))
+    """One update from a host-local batch; keys the model does not read (e.g. "label" for MMDiT) are ignored."""
+    missing = [k for k in self.batch_ndims if k not in batch]
+    if missing:
+      raise ValueError(f"the batch has no {', '.join(map(repr, missing))} (a {self.config.model.kind} trains on "
+                       f"{', '.join(self.batch_ndims)})")
+    local = {k: batch[k] for k in self.batch_ndims}
+    return self._step(state, rest, parallel.global_batch(local, self.mesh))
 
-  def ema_model(self, state: TrainState, rest: nnx.State) -> DiT:
+  def ema_model(self, state: TrainState, rest: nnx.State) -> DiT | MMDiT:
     return nnx.merge(self.graphdef, state.ema, rest)
 
 
@@ -245,11 +283,16 @@ class Checkpoints:
     self.manager.close()
 
 
-def write_model_meta(workdir: pathlib.Path, config: ml_collections.ConfigDict, model_cfg: DiTConfig) -> None:
-  """``<workdir>/dit_jax.json`` so ``dit_jax.load(workdir)`` returns the latest EMA model."""
-  meta = {"format_version": checkpoint.FORMAT_VERSION, "kind": "dit", "config": model_cfg.to_dict(),
-          "training": {"checkpoints": "checkpoints", "objective": config.objective,
-                       "flow_convention": config.flow.convention}}
+def write_model_meta(workdir: pathlib.Path, config: ml_collections.ConfigDict, model_cfg: DiTConfig | MMDiTConfig,
+                     conditioning: dict | None = None) -> None:
+  """``<workdir>/dit_jax.json`` so ``dit_jax.load(workdir)`` returns the latest EMA model. For an MMDiT,
+  ``training.conditioning`` records how labels become context / pooled (:func:`conditioning_meta`)."""
+  training = {"checkpoints": "checkpoints", "objective": config.objective, "flow_convention": config.flow.convention,
+              "flow_shift": config.flow.shift}
+  if conditioning is not None:
+    training["conditioning"] = conditioning
+  meta = {"format_version": checkpoint.FORMAT_VERSION, "kind": config.model.kind, "config": model_cfg.to_dict(),
+          "training": training}
   path = workdir / checkpoint.META
   tmp = path.with_suffix(".tmp")
   tmp.write_text(json.dumps(meta, indent=2) + "\n")
@@ -302,14 +345,15 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, loa
   if loader is None:
     from dit_jax import data
     loader = data.make_loader(config.data, global_batch_size=config.global_batch_size, seed=config.seed,
-                              process_index=jax.process_index(), process_count=jax.process_count())
+                              process_index=jax.process_index(), process_count=jax.process_count(),
+                              **conditioning_dims(config))
   ckpts = Checkpoints(workdir, config)
   start = ckpts.latest_step()
   if start is None:
     state, rest = trainer.init()
     start = 0
     if jax.process_index() == 0:
-      write_model_meta(workdir, config, trainer.model_config)
+      write_model_meta(workdir, config, trainer.model_config, conditioning_meta(config, loader))
   else:
     state, rest, extra = ckpts.restore(start, *trainer.abstract_state())
     loader.set_state(extra["data"])
@@ -318,14 +362,17 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, loa
   is_main = jax.process_index() == 0
   writer = metric_writers.create_default_writer(str(workdir), just_logging=not is_main)
   progress = periodic_actions.ReportProgress(num_train_steps=config.total_steps, writer=writer)
-  flops_per_step = 3 * flops_per_image(trainer.model_config) * config.global_batch_size
+  flops_per_step = None
   peak = measured_peak_flops(jnp.bfloat16 if config.compute_dtype == "bfloat16" else jnp.float32) * mesh.size
   jsonl = (workdir / "metrics.jsonl").open("a") if is_main else None
   sigterm = _Sigterm()
   last_time, last_step = time.perf_counter(), start
   try:
     for step in range(start + 1, config.total_steps + 1):
-      state, metrics = trainer.step(state, rest, next(loader))
+      batch = next(loader)
+      if flops_per_step is None:
+        flops_per_step = 3 * model_flops_per_image(trainer.model_config, batch) * config.global_batch_size
+      state, metrics = trainer.step(state, rest, batch)
       progress(step)
       run = int(metrics["nonfinite_run"])
       if run:
@@ -360,16 +407,60 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, loa
   return state
 
 
-def write_sample_grid(config: ml_collections.ConfigDict, model: DiT, workdir: pathlib.Path, step: int,
+def conditioning_dims(config: ml_collections.ConfigDict) -> dict[str, int]:
+  """The MMDiT's context / pooled widths for the data loader (empty for a DiT)."""
+  if config.model.kind != "mmdit":
+    return {}
+  return {"context_dim": config.mmdit.joint_attention_dim, "pooled_dim": config.mmdit.pooled_projection_dim}
+
+
+def conditioning_meta(config: ml_collections.ConfigDict, loader=None) -> dict | None:
+  """How an MMDiT run is conditioned, for the workdir's metadata: the class-token table's spec (rebuilt by
+  ``dit_jax.data.class_tokens_from_spec``) or {"kind": "text", "text_folder"}; None for a DiT."""
+  if config.model.kind != "mmdit":
+    return None
+  d = config.data
+  if d.conditioning == "text":
+    return {"kind": "text", "text_folder": str(d.text_folder)}
+  from dit_jax import data
+
+  source = getattr(loader, "source", None)
+  num_classes = getattr(source, "num_classes", None) or getattr(loader, "num_classes", None)
+  if num_classes is None:
+    num_classes = data.num_classes_of(data.make_source(d))
+  return data.ClassTokens(int(num_classes), d.class_token_length, **conditioning_dims(config),
+                          seed=d.class_token_seed).spec()
+
+
+def sample_grid_cond(config: ml_collections.ConfigDict, num: int, num_classes: int | None = None):
+  """What a sample grid is conditioned on: labels 0, 1, ... (DiT; class tokens for an MMDiT) or, for text
+  conditioning, the first ``num`` rows of the text embeddings."""
+  if config.model.kind != "mmdit":
+    return np.arange(num) % num_classes
+  from dit_jax import data
+
+  if config.data.conditioning == "text":
+    return data.TextEmbeddings(config.data.text_folder).rows(num)
+  tokens = data.class_tokens_from_spec(conditioning_meta(config))
+  return tokens(np.arange(num) % tokens.num_classes)
+
+
+def write_sample_grid(config: ml_collections.ConfigDict, model: DiT | MMDiT, workdir: pathlib.Path, step: int,
                       writer) -> np.ndarray:
-  """A grid of EMA samples (labels 0, 1, ...) as an image summary and ``<workdir>/samples/<step>.png``."""
+  """A grid of EMA samples (labels 0, 1, ...; class tokens or text rows 0, 1, ... for an MMDiT) as an image
+  summary and ``<workdir>/samples/<step>.png``."""
   from dit_jax import sampling
   from dit_jax.diffusion.samplers import sample
 
   s = config.sample
-  labels = np.arange(s.num) % model.config.num_classes
-  latents = sample(model, labels, jax.random.key(config.seed), method=s.method, steps=s.steps, cfg_scale=s.cfg_scale,
-                   cfg_mode=s.cfg_mode, flow_convention=config.flow.convention, shift=config.flow.shift)
+  key = jax.random.key(config.seed)
+  if config.model.kind == "mmdit":
+    latents = sample(model, sample_grid_cond(config, s.num), key, method=s.method, steps=s.steps,
+                     cfg_scale=s.cfg_scale, shift=config.flow.shift)
+  else:
+    latents = sample(model, sample_grid_cond(config, s.num, model.config.num_classes), key, method=s.method,
+                     steps=s.steps, cfg_scale=s.cfg_scale, cfg_mode=s.cfg_mode, flow_convention=config.flow.convention,
+                     shift=config.flow.shift)
   grid = sampling.image_grid(sampling.displayable(sampling.to_uint8(jax.device_get(latents))))
   writer.write_images(step, {"samples": grid[None]})
   if jax.process_index() == 0:

@@ -15,16 +15,24 @@ def default_config() -> ml_collections.ConfigDict:
   c.global_batch_size = 256
   c.grad_accum_steps = 1
 
-  # Model: a named config ('DiT-XL/2') plus overrides, or name '' and every field below.
+  # Model: kind 'dit' (class-conditional DiT: a named config such as 'DiT-XL/2' plus overrides, or name '' and
+  # every field below) or 'mmdit' (SD3-style MMDiT: the fields of c.mmdit, conditioned on context / pooled).
   c.model = ml_collections.ConfigDict(dict(
-      name="DiT-XL/2", input_size=32, in_channels=4, num_classes=1000, learn_sigma=True, class_dropout_prob=0.1,
-      hidden_size=0, depth=0, num_heads=0, patch_size=0, mlp_ratio=4.0))
+      kind="dit", name="DiT-XL/2", input_size=32, in_channels=4, num_classes=1000, learn_sigma=True,
+      class_dropout_prob=0.1, hidden_size=0, depth=0, num_heads=0, patch_size=0, mlp_ratio=4.0))
+  # MMDiTConfig fields (qk_norm '' = none); the default is a small SD3-shaped model, recipes set their own.
+  c.mmdit = ml_collections.ConfigDict(dict(
+      sample_size=32, patch_size=2, in_channels=4, num_layers=12, attention_head_dim=64, num_attention_heads=12,
+      joint_attention_dim=768, caption_projection_dim=768, pooled_projection_dim=768, out_channels=4,
+      pos_embed_max_size=32, qk_norm="", dual_attention_layers=()))
+  c.cond_dropout_prob = 0.1  # MMDiT: each example's context and pooled are zeroed with this probability
   c.compute_dtype = "float32"  # or 'bfloat16' (parameters stay float32)
   c.attention_impl = "auto"
   c.remat = "none"  # none | full | dots
   c.scan_layers = False
 
-  # Objective: 'vp' (IDDPM hybrid loss, learn_sigma) or 'flow' (rectified flow, velocity MSE).
+  # Objective: 'vp' (IDDPM hybrid loss, learn_sigma) or 'flow' (rectified flow, velocity MSE; MMDiT: flow with
+  # convention 'sd3', i.e. x = (1 - s) x0 + s noise, target noise - x0, model time 1000 s).
   c.objective = "vp"
   c.flow = ml_collections.ConfigDict(dict(t_sampler="uniform", loc=0.0, scale=1.0, mode_scale=1.29, shift=1.0,
                                           convention="sit"))
@@ -74,8 +82,23 @@ def validate(config: ml_collections.ConfigDict) -> None:
        "global_batch_size must be divisible by grad_accum_steps"),
       (config.optimizer.schedule in ("constant", "cosine"), f"optimizer.schedule {config.optimizer.schedule!r}"),
       (0.0 <= config.ema_decay < 1.0, f"ema_decay {config.ema_decay} is not in [0, 1)"),
-      (config.objective != "vp" or config.model.learn_sigma, "the vp hybrid loss needs model.learn_sigma=True"),
   ]
+  if config.model.kind == "mmdit":
+    checks += [
+        (config.objective == "flow" and config.flow.convention == "sd3",
+         "model.kind 'mmdit' trains with objective 'flow' and flow.convention 'sd3'"),
+        (config.data.conditioning in ("text", "class_tokens"),
+         f"model.kind 'mmdit' needs data.conditioning 'text' or 'class_tokens', not {config.data.conditioning!r}"),
+        (config.remat == "none" and not config.scan_layers,
+         "model.kind 'mmdit' supports neither remat nor scan_layers"),
+        (0.0 <= config.cond_dropout_prob <= 1.0, f"cond_dropout_prob {config.cond_dropout_prob} is not in [0, 1]"),
+    ]
+  else:
+    checks += [
+        (config.model.kind == "dit", f"model.kind {config.model.kind!r} is not 'dit' or 'mmdit'"),
+        (config.objective != "vp" or config.model.learn_sigma, "the vp hybrid loss needs model.learn_sigma=True"),
+        (config.data.conditioning == "label", "model.kind 'dit' is conditioned on labels (data.conditioning 'label')"),
+    ]
   for ok, message in checks:
     if not ok:
       raise ValueError(f"invalid config: {message}")

@@ -58,3 +58,29 @@ def losses(workdir: pathlib.Path) -> dict[int, float]:
     row = json.loads(line)
     out[row["step"]] = row["loss"]
   return out
+
+
+def tiny_mmdit_config(steps: int = 6, batch: int = 8):
+  """A 2-layer MMDiT (hidden 32, 2 heads, QK RMSNorm, MMDiT-X attention in layer 0) on 8x8x1 class tokens."""
+  c = tiny_config("flow", steps, batch)
+  c.model.kind = "mmdit"
+  c.mmdit.update(sample_size=8, patch_size=2, in_channels=1, out_channels=1, num_layers=2, attention_head_dim=16,
+                 num_attention_heads=2, joint_attention_dim=16, caption_projection_dim=32, pooled_projection_dim=8,
+                 pos_embed_max_size=4, qk_norm="rms_norm", dual_attention_layers=(0,))
+  c.flow.update(convention="sd3", t_sampler="logit_normal", shift=3.0)
+  c.data.update(conditioning="class_tokens", class_token_length=3)
+  c.sample.update(method="euler", steps=3, num=4, cfg_scale=2.0)
+  return c
+
+
+class ToyTextLoader(ToyLoader):
+  """ToyLoader batches plus "context" (B, 3, 16) and "pooled" (B, 8), a function of (seed, i) only."""
+
+  num_classes = 10
+
+  def __next__(self):
+    batch = super().__next__()
+    rng = np.random.default_rng([self.seed, self.pos, 1])
+    context = rng.standard_normal((self.batch, 3, 16)).astype(np.float32)
+    pooled = rng.standard_normal((self.batch, 8)).astype(np.float32)
+    return {**batch, "context": context[self.local], "pooled": pooled[self.local]}

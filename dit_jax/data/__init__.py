@@ -9,6 +9,10 @@ Sources (``len``, ``source[i] -> {"image": uint8 (H, W, C), "label": int}``): Di
 digits, the embedded demo), FolderSource (ImageFolder layout), TfdsSource (any prepared TFDS image dataset).
 LatentSource (source "latents") reads VAE latent shards of ``tools/encode_latents.py`` and serves scaled latents
 (h, w, C) with a fresh flip and posterior sample per use; image_size is then unused.
+
+MMDiT conditioning (``data.conditioning``): "text" joins text-embedding shards (``data.text_folder``, see
+:mod:`dit_jax.data.text_embeddings`) row by row with the source; "class_tokens" maps each label to a fixed seeded
+context / pooled pair. Batches then also hold "context" (B, L, Dc) and "pooled" (B, Dp), float32.
 """
 from __future__ import annotations
 
@@ -17,14 +21,24 @@ import ml_collections
 from dit_jax.data.latents import LatentSource
 from dit_jax.data.loader import Loader
 from dit_jax.data.sources import CorruptImage, DigitsSource, FolderSource, decode_image
+from dit_jax.data.text_embeddings import (
+  ClassTokens,
+  ConditionedSource,
+  TextEmbeddings,
+  class_tokens_from_spec,
+  class_tokens_of,
+  write_text_embedding_shards,
+)
 from dit_jax.data.tfds_source import TfdsSource
 from dit_jax.data.transforms import center_crop_arr, preprocess
 
 SOURCES = ("digits", "folder", "tfds", "latents")
+CONDITIONINGS = ("label", "text", "class_tokens")
 
-__all__ = ["SOURCES", "CorruptImage", "DigitsSource", "FolderSource", "LatentSource", "Loader", "TfdsSource",
-           "center_crop_arr", "decode_image", "default_data_config", "make_loader", "make_source", "num_classes_of",
-           "preprocess"]
+__all__ = ["CONDITIONINGS", "SOURCES", "ClassTokens", "ConditionedSource", "CorruptImage", "DigitsSource",
+           "FolderSource", "LatentSource", "Loader", "TextEmbeddings", "TfdsSource", "center_crop_arr",
+           "class_tokens_from_spec", "class_tokens_of", "decode_image", "default_data_config", "make_conditioning",
+           "make_loader", "make_source", "num_classes_of", "preprocess", "write_text_embedding_shards"]
 
 
 def default_data_config() -> ml_collections.ConfigDict:
@@ -44,6 +58,10 @@ def default_data_config() -> ml_collections.ConfigDict:
       "shuffle": True,
       "channels": 0,        # 0 = as stored, or force 1 / 3
       "num_workers": -1,    # decoding threads; -1 = min(8, cpu count), 0 = none
+      "conditioning": "label",  # "label" (DiT) | "text" | "class_tokens" (MMDiT: adds context / pooled)
+      "text_folder": "",    # text-embedding directory for conditioning "text" (row i = item i)
+      "class_token_length": 4,  # conditioning "class_tokens": L context tokens per class ...
+      "class_token_seed": 0,    # ... drawn once from this seed
   })
 
 
@@ -69,11 +87,37 @@ def make_source(data_config):
   raise ValueError(f"unknown data.source {kind!r}; choose one of {', '.join(SOURCES)}")
 
 
+def make_conditioning(data_config, source, context_dim: int = 0, pooled_dim: int = 0):
+  """The TextEmbeddings or ClassTokens a data config asks for (None for "label"); dims are the MMDiT's
+  joint_attention_dim / pooled_projection_dim, checked against the text shards."""
+  kind = data_config.get("conditioning", "label")
+  if kind == "label":
+    return None
+  if kind == "text":
+    if not data_config.get("text_folder"):
+      raise ValueError("data.conditioning 'text' needs data.text_folder (a text-embedding directory)")
+    text = TextEmbeddings(data_config.text_folder)
+    got = (text.context_shape[-1], text.pooled_dim)
+    if context_dim and got != (context_dim, pooled_dim or got[1]):
+      raise ValueError(f"text embeddings in {data_config.text_folder} have context dim {got[0]} and pooled dim "
+                       f"{got[1]}; the model expects {context_dim} and {pooled_dim}")
+    return text
+  if kind == "class_tokens":
+    return ClassTokens(num_classes_of(source), data_config.class_token_length, context_dim, pooled_dim,
+                       data_config.class_token_seed)
+  raise ValueError(f"unknown data.conditioning {kind!r}; choose one of {', '.join(CONDITIONINGS)}")
+
+
 def make_loader(data_config, *, global_batch_size: int, seed: int, process_index: int = 0,
-                process_count: int = 1) -> Loader:
-  """Source and Loader from a data config (see :func:`default_data_config`)."""
+                process_count: int = 1, context_dim: int = 0, pooled_dim: int = 0) -> Loader:
+  """Source and Loader from a data config (see :func:`default_data_config`); context_dim / pooled_dim size the
+  MMDiT conditioning when ``data.conditioning`` is not "label"."""
   workers = data_config.get("num_workers", -1)
-  return Loader(make_source(data_config), global_batch_size=global_batch_size, seed=seed,
+  source = make_source(data_config)
+  cond = make_conditioning(data_config, source, context_dim, pooled_dim)
+  if cond is not None:
+    source = ConditionedSource(source, cond)
+  return Loader(source, global_batch_size=global_batch_size, seed=seed,
                 image_size=data_config.image_size, process_index=process_index, process_count=process_count,
                 shuffle=data_config.get("shuffle", True), random_flip=data_config.random_flip,
                 channels=data_config.get("channels", 0), num_workers=None if workers < 0 else workers)

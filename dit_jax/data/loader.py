@@ -36,6 +36,8 @@ class Loader:
 
   Args:
     source: ``len(source)``, ``source[i] -> {"image": uint8 (H, W, C), "label": int}``; may raise CorruptImage.
+      A source with ``extra_shapes`` ({name: shape}) also returns those arrays per item; they are batched as
+      float32 under the same names (e.g. "context" (L, Dc), "pooled" (Dp,) for MMDiT conditioning).
       A source with ``transform(item, *, flip, seed, epoch, index) -> float32 item_shape`` and ``item_shape``
       makes its own inputs instead of ``preprocess`` (e.g. :class:`~dit_jax.data.latents.LatentSource`);
       image_size and channels are then unused.
@@ -71,6 +73,7 @@ class Loader:
     self.num_items = n
     self._transform = getattr(source, "transform", None)
     self._shape = tuple(source.item_shape) if self._transform else None
+    self._extra = dict(getattr(source, "extra_shapes", None) or {})
     self.steps_per_epoch = n // global_batch_size if drop_remainder else -(-n // global_batch_size)
     workers = min(8, os.cpu_count() or 1) if num_workers is None else num_workers
     self._pool = concurrent.futures.ThreadPoolExecutor(workers, "dit_jax-data") if workers > 0 else None
@@ -120,6 +123,7 @@ class Loader:
     parts = [job.result() if isinstance(job, concurrent.futures.Future) else job() for job in jobs]
     images = np.concatenate([p[0] for p in parts])
     labels = np.concatenate([p[1] for p in parts])
+    extra = {name: np.concatenate([p[4][name] for p in parts]) for name in self._extra}
     self.skipped += sum(p[2] for p in parts)
     self._epoch_corrupt[epoch] += sum(p[3] for p in parts)
     share = self.steps_per_epoch * self.global_batch_size // self.process_count
@@ -127,7 +131,7 @@ class Loader:
       raise RuntimeError(f"more than half of the items of epoch {epoch} are corrupt ({self._epoch_corrupt[epoch]} "
                          f"of this host's {share}); see the logged item indices")
     self.epoch, self.position = self._normalise(epoch, self.position + size)
-    return {"image": images, "label": labels}
+    return {"image": images, "label": labels, **extra}
 
   def _fill(self) -> None:
     """Schedule batches until ``prefetch`` are pending."""
@@ -178,10 +182,11 @@ class Loader:
       return None
 
   def _load(self, perm: np.ndarray, epoch: int, positions: np.ndarray):
-    """Positions of the epoch -> (images, labels, skipped, corrupt first choices)."""
+    """Positions of the epoch -> (images, labels, skipped, corrupt first choices, extra arrays)."""
     n, s, c = self.num_items, self.image_size, self.channels
     images = np.empty((len(positions), *(self._shape or (s, s, c))), np.float32)
     labels = np.empty((len(positions),), np.int32)
+    extra = {name: np.empty((len(positions), *shape), np.float32) for name, shape in self._extra.items()}
     skipped = first = 0
     for row, j in enumerate(positions):
       for k in range(n // 2 + 1):
@@ -200,7 +205,9 @@ class Loader:
       else:
         images[row] = preprocess(item["image"], s, flip, c)
       labels[row] = item["label"]
-    return images, labels, skipped, first
+      for name, out in extra.items():
+        out[row] = item[name]
+    return images, labels, skipped, first, extra
 
   def close(self) -> None:
     """Stop the decoding threads."""
