@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Train a DiT: python train.py --config configs/X.py --workdir DIR [--config.key=value ...]
+"""Train a DiT or an MMDiT: python train.py --config configs/X.py --workdir DIR [--config.key=value ...]
 
 Resumes automatically from the latest checkpoint in DIR. Multi-host: set --config.distributed.initialize=True
 (plus coordinator_address / num_processes / process_id where the cluster is not auto-detected). Configuration and
