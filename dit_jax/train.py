@@ -59,9 +59,7 @@ BATCH_NDIMS = {"dit": {"image": 4, "label": 1}, "mmdit": {"image": 4, "context":
 
 def model_config(config: ml_collections.ConfigDict) -> DiTConfig | MMDiTConfig:
   if config.model.kind == "mmdit":
-    fields = dict(config.mmdit)
-    fields["qk_norm"] = fields["qk_norm"] or None
-    return MMDiTConfig(**fields)
+    return MMDiTConfig(**{**config.mmdit, "qk_norm": config.mmdit.qk_norm or None})
   m = config.model
   fields = dict(input_size=m.input_size, in_channels=m.in_channels, num_classes=m.num_classes,
                 learn_sigma=m.learn_sigma, class_dropout_prob=m.class_dropout_prob, mlp_ratio=m.mlp_ratio)

@@ -104,3 +104,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   for ok, message in checks:
     if not ok:
       raise ValueError(f"invalid config: {message}")
+  if config.model.kind == "mmdit":
+    from dit_jax.models.mmdit import MMDiTConfig
+
+    MMDiTConfig(**{**config.mmdit, "qk_norm": config.mmdit.qk_norm or None})  # one-line "invalid MMDiT config: ..."

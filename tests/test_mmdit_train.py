@@ -87,6 +87,8 @@ def test_loss_is_sd3_rectified_flow_and_condition_dropout_zeroes_context_and_poo
     (lambda c: setattr(c, "remat", "full"), "neither remat nor scan_layers"),
     (lambda c: setattr(c, "cond_dropout_prob", 1.5), "cond_dropout_prob 1.5"),
     (lambda c: (setattr(c, "sample_every_steps", 5), setattr(c.sample, "method", "ddpm")), "not sample.method 'ddpm'"),
+    (lambda c: setattr(c.mmdit, "caption_projection_dim", 48), "caption_projection_dim 48 must equal"),
+    (lambda c: setattr(c.mmdit, "qk_norm", "layer_norm"), "qk_norm 'layer_norm'"),
 ])
 def test_bad_mmdit_configs_are_one_line_errors(change, fragment):
   config = tiny_mmdit_config()
@@ -251,7 +253,7 @@ def test_mmdit_digits_demo_reaches_90_percent(tmp):
   from tests.train_utils import REPO_ROOT
 
   run = lambda *args: subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True, cwd=REPO_ROOT,
-                                     timeout=900)
+                                     timeout=900, check=False)
   result = run(REPO_ROOT / "train.py", "--config", REPO_ROOT / "configs/mmdit_demo.py", "--workdir", tmp / "w")
   assert result.returncode == 0, result.stderr[-3000:]
   grid = np.asarray(Image.open(tmp / "w" / "samples" / "0000600.png"))
