@@ -31,6 +31,8 @@ def get_config():
                      grad_clip=1.0)
   c.ema_decay = 0.9999
   c.compute_dtype = "bfloat16"
+  c.remat = "full"  # recompute each joint block in the backward pass: activations of one block at a time
+  c.scan_layers = True  # one compiled block per run of identical blocks (dual-attention 0-12, plain 13-22, last)
   c.attention_impl = "auto"
   c.mesh_shape = (1, -1, 1)  # FSDP over every device; e.g. (1, -1, 2) adds tensor parallelism over heads / MLP
   c.data.update(source="latents", folder="", random_flip=False, conditioning="text", text_folder="")

@@ -73,7 +73,7 @@ def build_model(config: ml_collections.ConfigDict, rngs: nnx.Rngs) -> DiT | MMDi
   dtype = jnp.bfloat16 if config.compute_dtype == "bfloat16" else jnp.float32
   if config.model.kind == "mmdit":
     return MMDiT(model_config(config), rngs=rngs, dtype=dtype, param_dtype=jnp.float32,
-                 attention_impl=config.attention_impl)
+                 attention_impl=config.attention_impl, remat=config.remat, scan_layers=config.scan_layers)
   return DiT(model_config(config), rngs=rngs, dtype=dtype, param_dtype=jnp.float32,
              attention_impl=config.attention_impl, remat=config.remat, scan_layers=config.scan_layers)
 

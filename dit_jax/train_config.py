@@ -89,8 +89,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
          "model.kind 'mmdit' trains with objective 'flow' and flow.convention 'sd3'"),
         (config.data.conditioning in ("text", "class_tokens"),
          f"model.kind 'mmdit' needs data.conditioning 'text' or 'class_tokens', not {config.data.conditioning!r}"),
-        (config.remat == "none" and not config.scan_layers,
-         "model.kind 'mmdit' supports neither remat nor scan_layers"),
         (0.0 <= config.cond_dropout_prob <= 1.0, f"cond_dropout_prob {config.cond_dropout_prob} is not in [0, 1]"),
         (not config.sample_every_steps or config.sample.method not in ("ddpm", "ddim"),
          f"an MMDiT samples with a flow method (e.g. 'euler'), not sample.method {config.sample.method!r}"),

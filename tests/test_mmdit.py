@@ -230,3 +230,29 @@ def test_stability_head_split_needs_a_hint(converted):
   stab = stability_state_dict(tensors, ours.config.num_layers)
   with pytest.raises(ConversionError, match="cannot split hidden size 32 into heads of width 10"):
     infer_mmdit_config(stab)  # Stability's rule heads = depth = 3 does not divide 32
+
+
+
+def test_remat_and_scan_change_nothing():
+  """Rematerialised and scanned blocks (runs of dual-attention / plain / pre-only blocks, also with a skipped block
+  splitting a run) give the plain forward and gradients."""
+  import jax
+  from flax import nnx
+
+  cfg = MMDiTConfig(**{**TINY, "num_layers": 5}, qk_norm="rms_norm", dual_attention_layers=(0, 1))
+  graphdef, state = nnx.split(MMDiT(cfg, rngs=nnx.Rngs(0)))
+  state = jax.tree.map(lambda v: v + 0.05 * jax.random.normal(jax.random.key(v.size), v.shape), state)  # no zeros
+  x, t, context, pooled = sd3_inputs(12, 20)
+  flat = lambda tree: np.concatenate([np.ravel(leaf) for leaf in jax.tree.leaves(tree)])
+
+  def loss(state, remat, scan, skip):
+    model = nnx.merge(graphdef, state)
+    model.remat, model.scan_layers = remat, scan
+    return jnp.sum(model(x, t, context, pooled, skip_layers=skip) ** 2)
+
+  grad = jax.jit(jax.value_and_grad(loss), static_argnums=(1, 2, 3))
+  for remat, skip in (("full", ()), ("dots", (2,))):
+    want, want_grads = grad(state, "none", False, skip)
+    got, grads = grad(state, remat, True, skip)
+    err = rel_err(flat(grads), flat(want_grads))
+    assert abs(got - want) <= 1e-6 * abs(want) and err <= 1e-5, f"loss {got} vs {want}, grads rel err {err:.1e}"

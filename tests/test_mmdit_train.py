@@ -38,9 +38,9 @@ def test_resume_reproduces_the_uninterrupted_run_and_load_returns_the_ema_mmdit(
   assert meta["kind"] == "mmdit" and meta["training"]["conditioning"]["kind"] == "class_tokens"
 
 
-def test_bf16_with_grad_accumulation_runs(tmp):
+def test_bf16_with_grad_accumulation_remat_and_scan_runs(tmp):
   config = tiny_mmdit_config(steps=2)
-  config.update(compute_dtype="bfloat16", grad_accum_steps=2)
+  config.update(compute_dtype="bfloat16", grad_accum_steps=2, remat="full", scan_layers=True)
   state = train(config, tmp, loader=ToyTextLoader(8))
   assert int(state.step) == 2 and all(v.dtype == jnp.float32 for v in jax.tree.leaves(state.params))
   assert all(np.isfinite(v) for v in losses(tmp).values())
@@ -84,7 +84,6 @@ def test_loss_is_sd3_rectified_flow_and_condition_dropout_zeroes_context_and_poo
     (lambda c: setattr(c, "objective", "vp"), "objective 'flow' and flow.convention 'sd3'"),
     (lambda c: setattr(c.flow, "convention", "sit"), "flow.convention 'sd3'"),
     (lambda c: setattr(c.data, "conditioning", "label"), "needs data.conditioning"),
-    (lambda c: setattr(c, "remat", "full"), "neither remat nor scan_layers"),
     (lambda c: setattr(c, "cond_dropout_prob", 1.5), "cond_dropout_prob 1.5"),
     (lambda c: (setattr(c, "sample_every_steps", 5), setattr(c.sample, "method", "ddpm")), "not sample.method 'ddpm'"),
     (lambda c: setattr(c.mmdit, "caption_projection_dim", 48), "caption_projection_dim 48 must equal"),

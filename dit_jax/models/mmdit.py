@@ -21,7 +21,7 @@ from flax import nnx
 from dit_jax.models import layers
 from dit_jax.models.attention import IMPLEMENTATIONS, dot_product_attention
 from dit_jax.models.config import JsonConfig
-from dit_jax.models.dit import unpatchify
+from dit_jax.models.dit import REMAT_POLICIES, unpatchify
 from dit_jax.models.layers import FrozenParam, layer_norm, modulate
 
 QK_NORMS = (None, "rms_norm")
@@ -231,10 +231,14 @@ class MMDiT(nnx.Module):
   """
 
   def __init__(self, config: MMDiTConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32,
-               attention_impl: str = "auto"):
+               attention_impl: str = "auto", remat: str = "none", scan_layers: bool = False):
     if attention_impl not in IMPLEMENTATIONS:
       raise ValueError(f"attention_impl {attention_impl!r} is not one of {IMPLEMENTATIONS}")
+    if remat not in REMAT_POLICIES:
+      raise ValueError(f"remat {remat!r} is not one of {', '.join(REMAT_POLICIES)}")
     cfg = self.config = config
+    self.remat = remat
+    self.scan_layers = scan_layers
     d = cfg.hidden_size
     kw = dict(dtype=dtype, param_dtype=param_dtype)
     self.dtype = dtype
@@ -266,11 +270,36 @@ class MMDiT(nnx.Module):
     tokens = self.x_embedder(x.astype(self.dtype)) + pos.astype(self.dtype)[None]
     c = self.condition(t, pooled)
     ctx = self.context_embedder(context.astype(self.dtype))
-    for i, block in enumerate(self.joint_blocks):
-      if i not in skip_layers:
-        tokens, ctx = block(tokens, ctx, c)
+    tokens, _ = self.run_blocks(tokens, ctx, c, skip_layers)
     tokens = self.final_layer(tokens, c)
     return unpatchify(tokens, p, cfg.out_channels, gh, gw)
+
+  def run_blocks(self, tokens: jax.Array, ctx: jax.Array, c: jax.Array, skip_layers: tuple[int, ...] = ()
+                 ) -> tuple[jax.Array, jax.Array]:
+    """The joint blocks not in ``skip_layers``, optionally rematerialised (``remat``). With ``scan_layers``, each
+    run of consecutive blocks of one structure (the MMDiT-X dual-attention blocks, the plain blocks; the pre-only
+    last block stands alone) is one ``lax.scan`` over its stacked weights; parameters stay stored per block."""
+    runs: list[tuple[nnx.GraphDef, list[nnx.State]]] = []
+    for i, block in enumerate(self.joint_blocks):
+      if i in skip_layers:
+        continue
+      graphdef, state = nnx.split(block)
+      if runs and runs[-1][0] == graphdef:
+        runs[-1][1].append(state)
+      else:
+        runs.append((graphdef, [state]))
+    carry = (tokens, ctx)
+    for graphdef, states in runs:
+      apply = lambda state, carry, graphdef=graphdef: nnx.merge(graphdef, state)(*carry, c)
+      if self.remat != "none":
+        apply = jax.checkpoint(apply, policy=REMAT_POLICIES[self.remat])
+      if self.scan_layers and len(states) > 1:
+        stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *states)
+        carry, _ = jax.lax.scan(lambda carry, state: (apply(state, carry), None), carry, stacked)
+      else:
+        for state in states:
+          carry = apply(state, carry)
+    return carry
 
 
 def flops_per_sample(cfg: MMDiTConfig, height: int, width: int, context_len: int) -> float:
