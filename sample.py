@@ -170,11 +170,12 @@ def read_cond(path: str) -> tuple[dict, dict | None]:
   return cond, negative
 
 
-def sampling_options(args: argparse.Namespace) -> dict:
-  """Method, steps, shift, CFG and skip-layer guidance for an MMDiT: defaults < --preset < explicit flags."""
+def sampling_options(args: argparse.Namespace, default_shift: float = 3.0) -> dict:
+  """Method, steps, shift, CFG and skip-layer guidance for an MMDiT: defaults (shift: a training run's own) <
+  --preset < explicit flags."""
   from dit_jax.sampling import load_preset
 
-  opts = dict(method="euler", steps=None, shift=3.0, cfg_scale=4.0, skip_layer_guidance=None)
+  opts = dict(method="euler", steps=None, shift=default_shift, cfg_scale=4.0, skip_layer_guidance=None)
   if args.preset:
     preset = load_preset(args.preset)
     opts.update({k: preset[k] for k in opts})
@@ -202,18 +203,25 @@ def run_mmdit(args: argparse.Namespace, out: pathlib.Path) -> str:
 
   import dit_jax
   from dit_jax import sampling
+  from dit_jax.checkpoint import read_meta
   from dit_jax.diffusion.samplers import check_latent_size, check_text_cond
 
-  for flag, value in (("--class-labels", args.class_labels), ("--num-samples", args.num_samples),
-                      ("--respacing", args.respacing), ("--guidance-interval", args.guidance_interval)):
+  for flag, value in (("--num-samples", args.num_samples), ("--respacing", args.respacing),
+                      ("--guidance-interval", args.guidance_interval)):
     if value is not None:
       raise ValueError(f"{flag} is not for an MMDiT checkpoint (sample from text embeddings with --cond)")
   if args.flow_convention not in (None, "sd3"):
     raise ValueError("an MMDiT uses the sd3 flow convention")
-  if args.cond is None:
-    raise ValueError("an MMDiT checkpoint needs --cond cond.npz (context (B, L, D) and pooled (B, Dp) arrays)")
-  cond, negative = read_cond(args.cond)
-  opts = sampling_options(args)
+  if (args.cond is None) == (args.class_labels is None):
+    raise ValueError("an MMDiT checkpoint needs --cond cond.npz (context (B, L, D) and pooled (B, Dp) arrays), or "
+                     "--class-labels for a run trained on class tokens; give exactly one")
+  training = read_meta(args.checkpoint).get("training", {})
+  if args.cond is not None:
+    cond, negative = read_cond(args.cond)
+  else:  # a class-token run (configs/mmdit_demo.py): labels -> its fixed context / pooled tables
+    from dit_jax.data import class_tokens_of
+    cond, negative = class_tokens_of(args.checkpoint)(_ints(args.class_labels, "--class-labels")), None
+  opts = sampling_options(args, default_shift=training.get("flow_shift", 3.0))
   dtype = jnp.bfloat16 if args.bf16 else jnp.float32
   model = dit_jax.load(args.checkpoint, dtype=dtype)
   try:

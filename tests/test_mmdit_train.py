@@ -262,3 +262,6 @@ def test_mmdit_digits_demo_reaches_90_percent(tmp):
   assert result.returncode == 0 and score, result.stdout[-2000:] + result.stderr[-2000:]
   print(f"MMDiT demo classifier score: {score.group(1)}%")
   assert float(score.group(1)) >= 90.0
+  result = run(REPO_ROOT / "sample.py", "--checkpoint", tmp / "w", "--class-labels", "0,1,2,3", "--steps", 8,
+               "--cfg-scale", 2.0, "--out", tmp / "digits.png")
+  assert result.returncode == 0 and Image.open(tmp / "digits.png").size[0] > 0, result.stderr[-2000:]

@@ -184,7 +184,8 @@ def _write_cond(path, **arrays):
     ("negative_rows", "negative context has 2 rows; expected 1 or the batch size 3"),
     ("half_negative", "negative_context without its partner"),
     ("latent_size", "latent_size 8x18 exceeds pos_embed_max_size * patch_size = 16"),
-    ("labels", "--class-labels is not for an MMDiT checkpoint"),
+    ("labels", "give exactly one"),
+    ("labels_only", "was not trained on class tokens"),
     ("no_cond", "an MMDiT checkpoint needs --cond"),
     ("preset", "unknown sampling preset 'sd4'"),
     ("slg_layer", "skip_layer_guidance layers [5] outside the model's blocks 0..1"),
@@ -199,8 +200,8 @@ def test_mmdit_bad_input_gets_one_line_error(mmdit_ckpt, tmp, capsys, case, frag
       "half_negative": dict(context=ctx, pooled=pooled, negative_context=ctx[:1]),
   }
   cond_file = _write_cond(tmp / "c.npz", **files[case]) if case in files else base / "cond.npz"
-  cond_args = {"no_file": ["--cond", tmp / "none.npz"], "no_cond": []}.get(case, ["--cond", cond_file])
-  extra = {"latent_size": ["--latent-size", "8,18"], "labels": ["--class-labels", "1"], "preset": ["--preset", "sd4"],
+  cond_args = {"no_file": ["--cond", tmp / "none.npz"], "no_cond": [], "labels_only": []}.get(case, ["--cond", cond_file])
+  extra = {"latent_size": ["--latent-size", "8,18"], "labels": ["--class-labels", "1"], "labels_only": ["--class-labels", "1"], "preset": ["--preset", "sd4"],
            "slg_layer": ["--slg-layers", "5", "--slg-scale", "2"]}.get(case, [])
   argv = ["--checkpoint", base / "ckpt", "--out", tmp / "x.png", "--steps", "2", *cond_args, *extra]
   code, err = _sample_main(argv, capsys)
