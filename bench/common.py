@@ -57,3 +57,17 @@ def build_pair(name: str, learn_sigma: bool = True):
       tensors[k] = tensors[first + k.split(".norm1.emb.", 1)[1]]
   ref.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in tensors.items()})
   return cfg, ref, convert_state_dict(tensors, cfg, "diffusers")
+
+
+def start_run() -> float:
+  """Use every core in torch, measure the matmul peaks, print the machine / software / peak header lines, and
+  return the higher peak (the MFU denominator)."""
+  import os
+  import platform
+
+  torch.set_num_threads(os.cpu_count() or 1)
+  peaks = matmul_peak_flops()
+  print(f"# {time.strftime('%Y-%m-%d')} {platform.machine()} {os.cpu_count()} cores, jax {jax.__version__} "
+        f"({jax.default_backend()}), torch {torch.__version__}")
+  print(f"# fp32 matmul peak (2048^2): jax {peaks['jax'] / 1e9:.1f} GFLOP/s, torch {peaks['torch'] / 1e9:.1f} GFLOP/s")
+  return max(peaks.values())

@@ -10,16 +10,13 @@ fp32 matmul peak measured in this run (the faster of a jitted jnp.dot and torch.
 from __future__ import annotations
 
 import argparse
-import os
-import platform
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
 
-from common import build_pair, forward_flops, matmul_peak_flops, median_seconds
+from common import build_pair, forward_flops, median_seconds, start_run
 
 
 def bench(name: str, batch: int, iters: int, peak: float) -> dict:
@@ -54,12 +51,7 @@ def main() -> None:
   p.add_argument("--batch", type=int, default=8)
   p.add_argument("--iters", type=int, default=10)
   args = p.parse_args()
-  torch.set_num_threads(os.cpu_count() or 1)
-  peaks = matmul_peak_flops()
-  peak = max(peaks.values())
-  print(f"# {time.strftime('%Y-%m-%d')} {platform.machine()} {os.cpu_count()} cores, jax {jax.__version__} "
-        f"({jax.default_backend()}), torch {torch.__version__}")
-  print(f"# fp32 matmul peak (2048^2): jax {peaks['jax'] / 1e9:.1f} GFLOP/s, torch {peaks['torch'] / 1e9:.1f} GFLOP/s")
+  peak = start_run()
   print("| model | batch | GFLOP/img | dit_jax img/s | diffusers img/s | ratio (ours/theirs) | dit_jax MFU | "
         "diffusers MFU | rel err |")
   print("|---|---|---|---|---|---|---|---|---|")
