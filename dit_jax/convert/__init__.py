@@ -18,6 +18,7 @@ from flax import nnx
 from dit_jax import checkpoint
 from dit_jax.convert import mmdit_tables, tables, vae_tables
 from dit_jax.convert.readers import ConversionError, Source, from_numpy, read_source
+from dit_jax.convert.tables import need
 from dit_jax.models.dit import CONVENTIONS, SIZES, DiT, DiTConfig
 from dit_jax.models.mmdit import MMDiTConfig
 
@@ -38,11 +39,6 @@ def detect_layout(tensors: dict[str, np.ndarray]) -> str:
                         f"pos_embed.proj.weight + transformer_blocks.* (diffusers); keys start with "
                         f"{_listing(list(tensors)[:tables.MAX_LISTED])}")
 
-
-def _need(tensors, key):
-  if key not in tensors:
-    raise ConversionError(f"missing key {key} (cannot infer the model config)")
-  return tensors[key]
 
 
 def _depth(tensors, prefix: str) -> int:
@@ -67,21 +63,21 @@ def infer_config(tensors: dict[str, np.ndarray], layout: str, diffusers_config: 
   """
   dcfg = diffusers_config or {}
   if layout == "original":
-    patch = _need(tensors, "x_embedder.proj.weight")
-    table = _need(tensors, "y_embedder.embedding_table.weight")
-    final = _need(tensors, "final_layer.linear.weight")
-    fc1 = _need(tensors, "blocks.0.mlp.fc1.weight")
+    patch = need(tensors, "x_embedder.proj.weight")
+    table = need(tensors, "y_embedder.embedding_table.weight")
+    final = need(tensors, "final_layer.linear.weight")
+    fc1 = need(tensors, "blocks.0.mlp.fc1.weight")
     depth = _depth(tensors, "blocks")
-    pos = _need(tensors, "pos_embed")
+    pos = need(tensors, "pos_embed")
     grid = int(round(pos.shape[1] ** 0.5))
     if pos.ndim != 3 or grid * grid != pos.shape[1]:
       raise ConversionError(f"pos_embed has shape {pos.shape}, expected (1, T, D) with square T")
     inferred = dict(input_size=grid * patch.shape[2])
   else:
-    patch = _need(tensors, "pos_embed.proj.weight")
-    table = _need(tensors, "transformer_blocks.0.norm1.emb.class_embedder.embedding_table.weight")
-    final = _need(tensors, "proj_out_2.weight")
-    fc1 = _need(tensors, "transformer_blocks.0.ff.net.0.proj.weight")
+    patch = need(tensors, "pos_embed.proj.weight")
+    table = need(tensors, "transformer_blocks.0.norm1.emb.class_embedder.embedding_table.weight")
+    final = need(tensors, "proj_out_2.weight")
+    fc1 = need(tensors, "transformer_blocks.0.ff.net.0.proj.weight")
     depth = _depth(tensors, "transformer_blocks")
     inferred = {}
     if "sample_size" in dcfg:

@@ -17,7 +17,7 @@ from flax import nnx
 
 from dit_jax.convert.readers import ConversionError
 from dit_jax.convert.tables import OPS as DIT_OPS
-from dit_jax.convert.tables import Path, Rule, apply_table, listing, split_target
+from dit_jax.convert.tables import Path, Rule, apply_table, listing, need, split_target
 from dit_jax.models.mmdit import MMDiT, MMDiTConfig
 
 
@@ -187,11 +187,6 @@ def detect_mmdit_layout(tensors: dict[str, np.ndarray]) -> str:
                         "x_embedder.proj.weight + joint_blocks.* (stability)")
 
 
-def _need(tensors, key):
-  if key not in tensors:
-    raise ConversionError(f"missing key {key} (cannot infer the MMDiT config)")
-  return tensors[key]
-
 
 def _block_indices(tensors, prefix: str, infix: str = "") -> list[int]:
   return sorted({int(m.group(1)) for k in tensors if (m := re.match(rf"{re.escape(prefix)}\.(\d+)\.{infix}", k))})
@@ -206,11 +201,12 @@ def infer_mmdit_config(tensors: dict[str, np.ndarray], diffusers_config: dict[st
   tensors = strip_stability_prefix(tensors)
   diffusers = detect_mmdit_layout(tensors) == "diffusers"
   blocks = "transformer_blocks" if diffusers else "joint_blocks"
-  patch = _need(tensors, "pos_embed.proj.weight" if diffusers else "x_embedder.proj.weight")
-  pos = _need(tensors, "pos_embed.pos_embed" if diffusers else "pos_embed")
-  pooled = _need(tensors, "time_text_embed.text_embedder.linear_1.weight" if diffusers else "y_embedder.mlp.0.weight")
-  context = _need(tensors, "context_embedder.weight")
-  final = _need(tensors, "proj_out.weight" if diffusers else "final_layer.linear.weight")
+  patch = need(tensors, "pos_embed.proj.weight" if diffusers else "x_embedder.proj.weight", "MMDiT")
+  pos = need(tensors, "pos_embed.pos_embed" if diffusers else "pos_embed", "MMDiT")
+  pooled = need(tensors, "time_text_embed.text_embedder.linear_1.weight" if diffusers else "y_embedder.mlp.0.weight",
+                "MMDiT")
+  context = need(tensors, "context_embedder.weight", "MMDiT")
+  final = need(tensors, "proj_out.weight" if diffusers else "final_layer.linear.weight", "MMDiT")
   layers = _block_indices(tensors, blocks)
   if not layers:
     raise ConversionError(f"no {blocks}.N.* keys: the checkpoint has no joint blocks")

@@ -12,6 +12,7 @@ from typing import Callable
 import jax.numpy as jnp
 import numpy as np
 
+from dit_jax.convert.readers import ConversionError
 from dit_jax.models.dit import DiTConfig
 from dit_jax.models.layers import sincos_2d
 
@@ -142,6 +143,13 @@ def source_shapes(rule: Rule, target_shape: tuple, cfg, ops=OPS) -> list[tuple]:
 MAX_LISTED = 4
 
 
+def need(tensors: dict, key: str, what: str = "model"):
+  """tensors[key], or a one-line ConversionError naming the missing key (it is needed to infer the config)."""
+  if key not in tensors:
+    raise ConversionError(f"missing key {key} (cannot infer the {what} config)")
+  return tensors[key]
+
+
 def listing(keys) -> str:
   """At most MAX_LISTED sorted keys, then '(+N more)'."""
   keys = sorted(keys)
@@ -156,7 +164,6 @@ def apply_table(tensors: dict[str, np.ndarray], rules: list[Rule], abstract_modu
   ConversionError naming the offending keys."""
   from flax import nnx
 
-  from dit_jax.convert.readers import ConversionError
 
   computed = computed or {}
   graphdef, state = nnx.split(abstract_module)

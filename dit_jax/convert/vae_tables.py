@@ -27,7 +27,15 @@ import numpy as np
 from flax import nnx
 
 from dit_jax.convert.readers import ConversionError
-from dit_jax.convert.tables import MAX_LISTED, OPS, Path, Rule, apply_table, listing
+from dit_jax.convert.tables import (
+  MAX_LISTED,
+  OPS,
+  Path,
+  Rule,
+  apply_table,
+  listing,
+  need,
+)
 from dit_jax.models.vae import PRESETS, AutoencoderKL, VAEConfig
 
 logger = logging.getLogger("dit_jax")
@@ -157,11 +165,6 @@ def detect_vae_layout(tensors: dict[str, np.ndarray]) -> str:
                         f"encoder.down.* (ldm); keys start with {listing(list(tensors)[:MAX_LISTED])}")
 
 
-def _need(tensors, key):
-  if key not in tensors:
-    raise ConversionError(f"missing key {key} (cannot infer the VAE config)")
-  return tensors[key]
-
 
 def _count(tensors, pattern: str) -> int:
   """Number of consecutive indices 0..N-1 matching ``pattern`` (a regex with one (\\d+) group)."""
@@ -191,10 +194,10 @@ def infer_vae_config(tensors: dict[str, np.ndarray], layout: str, diffusers_conf
   inner = "resnets" if layout == "diffusers" else "block"
   n = _count(tensors, rf"{re.escape(down)}\.(\d+)\.")
   lpb = _count(tensors, rf"{re.escape(down)}\.0\.{inner}\.(\d+)\.")
-  channels = tuple(int(_need(tensors, f"{names['down'](i, n)}.0.conv1.weight").shape[0]) for i in range(n))
-  conv_in = _need(tensors, "encoder.conv_in.weight")
-  dec_in = _need(tensors, "decoder.conv_in.weight")
-  dec_out = _need(tensors, "decoder.conv_out.weight")
+  channels = tuple(int(need(tensors, f"{names['down'](i, n)}.0.conv1.weight", "VAE").shape[0]) for i in range(n))
+  conv_in = need(tensors, "encoder.conv_in.weight", "VAE")
+  dec_in = need(tensors, "decoder.conv_in.weight", "VAE")
+  dec_out = need(tensors, "decoder.conv_out.weight", "VAE")
   values: dict[str, Any] = dict(
       in_channels=int(conv_in.shape[1]), out_channels=int(dec_out.shape[0]), latent_channels=int(dec_in.shape[1]),
       block_out_channels=channels, layers_per_block=lpb, use_quant_conv="quant_conv.weight" in tensors,

@@ -83,6 +83,16 @@ class DiTConfig(JsonConfig):
 REMAT_POLICIES = {"none": None, "full": jax.checkpoint_policies.nothing_saveable,
                   "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
 
+
+
+def check_build_options(attention_impl: str, remat: str) -> None:
+  """One-line ValueErrors for an unknown attention implementation or remat policy (shared by DiT and MMDiT)."""
+  if attention_impl not in IMPLEMENTATIONS:
+    raise ValueError(f"attention_impl {attention_impl!r} is not one of {IMPLEMENTATIONS}")
+  if remat not in REMAT_POLICIES:
+    raise ValueError(f"remat {remat!r} is not one of {', '.join(REMAT_POLICIES)}")
+
+
 # (depth, hidden_size, num_heads) of the paper's four model sizes.
 SIZES = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}
 CONFIGS = {f"DiT-{s}/{p}": dict(depth=d, hidden_size=h, num_heads=n, patch_size=p)
@@ -152,10 +162,7 @@ class DiT(nnx.Module):
 
   def __init__(self, config: DiTConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32,
                attention_impl: str = "auto", remat: str = "none", scan_layers: bool = False):
-    if attention_impl not in IMPLEMENTATIONS:
-      raise ValueError(f"attention_impl {attention_impl!r} is not one of {IMPLEMENTATIONS}")
-    if remat not in REMAT_POLICIES:
-      raise ValueError(f"remat {remat!r} is not one of {', '.join(REMAT_POLICIES)}")
+    check_build_options(attention_impl, remat)
     cfg = self.config = config
     self.remat = remat
     self.scan_layers = scan_layers

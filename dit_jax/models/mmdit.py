@@ -19,9 +19,9 @@ import numpy as np
 from flax import nnx
 
 from dit_jax.models import layers
-from dit_jax.models.attention import IMPLEMENTATIONS, dot_product_attention
+from dit_jax.models.attention import dot_product_attention
 from dit_jax.models.config import JsonConfig
-from dit_jax.models.dit import REMAT_POLICIES, unpatchify
+from dit_jax.models.dit import REMAT_POLICIES, check_build_options, unpatchify
 from dit_jax.models.layers import FrozenParam, layer_norm, modulate
 
 QK_NORMS = (None, "rms_norm")
@@ -232,10 +232,7 @@ class MMDiT(nnx.Module):
 
   def __init__(self, config: MMDiTConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32,
                attention_impl: str = "auto", remat: str = "none", scan_layers: bool = False):
-    if attention_impl not in IMPLEMENTATIONS:
-      raise ValueError(f"attention_impl {attention_impl!r} is not one of {IMPLEMENTATIONS}")
-    if remat not in REMAT_POLICIES:
-      raise ValueError(f"remat {remat!r} is not one of {', '.join(REMAT_POLICIES)}")
+    check_build_options(attention_impl, remat)
     cfg = self.config = config
     self.remat = remat
     self.scan_layers = scan_layers
