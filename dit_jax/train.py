@@ -71,11 +71,9 @@ def model_config(config: ml_collections.ConfigDict) -> DiTConfig | MMDiTConfig:
 
 def build_model(config: ml_collections.ConfigDict, rngs: nnx.Rngs) -> DiT | MMDiT:
   dtype = jnp.bfloat16 if config.compute_dtype == "bfloat16" else jnp.float32
-  if config.model.kind == "mmdit":
-    return MMDiT(model_config(config), rngs=rngs, dtype=dtype, param_dtype=jnp.float32,
-                 attention_impl=config.attention_impl, remat=config.remat, scan_layers=config.scan_layers)
-  return DiT(model_config(config), rngs=rngs, dtype=dtype, param_dtype=jnp.float32,
-             attention_impl=config.attention_impl, remat=config.remat, scan_layers=config.scan_layers)
+  module = MMDiT if config.model.kind == "mmdit" else DiT
+  return module(model_config(config), rngs=rngs, dtype=dtype, param_dtype=jnp.float32,
+                attention_impl=config.attention_impl, remat=config.remat, scan_layers=config.scan_layers)
 
 
 def learning_rate(config: ml_collections.ConfigDict) -> optax.Schedule:
