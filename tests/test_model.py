@@ -11,7 +11,8 @@ import torch
 from flax import nnx
 
 from dit_jax.models import layers
-from dit_jax.models.dit import CONFIGS, DiT, DiTConfig, count_params, dit_config, unpatchify
+from dit_jax.models.dit import CONFIGS, DiT, DiTConfig, count_params, dit_config
+from dit_jax.models.layers import unpatchify
 
 # Parameter counts of facebookresearch/DiT at 256 px, pos_embed included (dit-reference.md §1.6).
 PAPER_PARAMS = {"DiT-S/2": 32_963_360, "DiT-B/2": 130_512_416, "DiT-L/2": 458_102_816, "DiT-XL/2": 675_129_632}

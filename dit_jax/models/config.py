@@ -1,7 +1,8 @@
-"""JSON round trip shared by the frozen model-config dataclasses (DiTConfig, VAEConfig, MMDiTConfig)."""
+"""Shared by every config: the JSON round trip of the frozen model-config dataclasses and the validation loop."""
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterable
 from typing import Any
 
 
@@ -19,3 +20,10 @@ class JsonConfig:
     if unknown:
       raise ValueError(f"unknown {cls.__name__} keys: {', '.join(unknown)}")
     return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+
+def check_all(checks: Iterable[tuple[bool, str]], what: str) -> None:
+  """Raise ``ValueError("<what>: <message>")`` for the first ``(ok, message)`` that is not ok."""
+  for ok, message in checks:
+    if not ok:
+      raise ValueError(f"{what}: {message}")

@@ -13,9 +13,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dit_jax.models import layers
-from dit_jax.models.attention import IMPLEMENTATIONS
-from dit_jax.models.config import JsonConfig
-from dit_jax.models.layers import FrozenParam, layer_norm, modulate
+from dit_jax.models.config import JsonConfig, check_all
+from dit_jax.models.layers import (REMAT_POLICIES, FrozenParam, check_build_options, layer_norm, modulate,
+                                  unpatchify)
 
 # Numeric conventions of the two checkpoint formats.
 #   freq_shift:   timestep frequencies exp(-ln(1e4) i / (128 - shift)); diffusers' Timesteps uses shift 1.
@@ -58,9 +58,7 @@ class DiTConfig(JsonConfig):
         (0.0 <= self.class_dropout_prob < 1.0, f"class_dropout_prob {self.class_dropout_prob} is not in [0, 1)"),
         (self.mlp_ratio > 0, f"mlp_ratio {self.mlp_ratio} must be positive"),
     ]
-    for ok, message in checks:
-      if not ok:
-        raise ValueError(f"invalid DiT config: {message}")
+    check_all(checks, "invalid DiT config")
 
   @property
   def out_channels(self) -> int:
@@ -77,20 +75,6 @@ class DiTConfig(JsonConfig):
   @property
   def null_class(self) -> int:
     return self.num_classes
-
-
-# Activation checkpointing per block: none, everything recomputed, or matmul outputs without a batch dim saved.
-REMAT_POLICIES = {"none": None, "full": jax.checkpoint_policies.nothing_saveable,
-                  "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
-
-
-
-def check_build_options(attention_impl: str, remat: str) -> None:
-  """One-line ValueErrors for an unknown attention implementation or remat policy (shared by DiT and MMDiT)."""
-  if attention_impl not in IMPLEMENTATIONS:
-    raise ValueError(f"attention_impl {attention_impl!r} is not one of {IMPLEMENTATIONS}")
-  if remat not in REMAT_POLICIES:
-    raise ValueError(f"remat {remat!r} is not one of {', '.join(REMAT_POLICIES)}")
 
 
 # (depth, hidden_size, num_heads) of the paper's four model sizes.
@@ -142,14 +126,6 @@ class FinalLayer(nnx.Module):
   def __call__(self, x: jax.Array, c: jax.Array) -> jax.Array:
     shift, scale = jnp.split(self.adaLN_modulation(nnx.silu(c)), 2, axis=-1)
     return self.linear(modulate(layer_norm(x, self.eps), shift, scale))
-
-
-def unpatchify(x: jax.Array, patch_size: int, channels: int, grid_h: int, grid_w: int) -> jax.Array:
-  """(B, h*w, p*p*C) tokens -> (B, h*p, w*p, C) image; token features ordered (row in patch, col in patch, C)."""
-  b = x.shape[0]
-  p = patch_size
-  x = x.reshape(b, grid_h, grid_w, p, p, channels).transpose(0, 1, 3, 2, 4, 5)
-  return x.reshape(b, grid_h * p, grid_w * p, channels)
 
 
 class DiT(nnx.Module):
@@ -205,7 +181,6 @@ class DiT(nnx.Module):
     tokens = self.run_blocks(tokens, cond)
     tokens = self.final_layer(tokens, cond)
     return unpatchify(tokens, cfg.patch_size, cfg.out_channels, cfg.grid_size, cfg.grid_size)
-
 
   def run_blocks(self, tokens: jax.Array, cond: jax.Array) -> jax.Array:
     """All blocks, optionally rematerialised (``remat``) and/or as one ``lax.scan`` over stacked block weights

@@ -1,4 +1,5 @@
-"""Building blocks shared by DiT and MMDiT: embeddings, modulation, attention block, MLP.
+"""Building blocks shared by the model families: embeddings, modulation, norms, attention block, MLP,
+(un)patchify, remat policies and the build-option checks.
 
 Shapes: B batch, T tokens, D hidden size. All activations are channels-last.
 """
@@ -11,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dit_jax.models.attention import dot_product_attention
+from dit_jax.models.attention import IMPLEMENTATIONS, dot_product_attention
 
 xavier_uniform = nnx.initializers.xavier_uniform()
 normal_002 = nnx.initializers.normal(stddev=0.02)
@@ -20,6 +21,19 @@ zeros = nnx.initializers.zeros_init()
 
 class FrozenParam(nnx.Variable):
   """A stored tensor that is part of the checkpoint but never trained (e.g. DiT's sin-cos pos_embed)."""
+
+
+# Activation checkpointing per block: none, everything recomputed, or matmul outputs without a batch dim saved.
+REMAT_POLICIES = {"none": None, "full": jax.checkpoint_policies.nothing_saveable,
+                  "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+
+
+def check_build_options(attention_impl: str, remat: str) -> None:
+  """One-line ValueErrors for an unknown attention implementation or remat policy."""
+  if attention_impl not in IMPLEMENTATIONS:
+    raise ValueError(f"attention_impl {attention_impl!r} is not one of {IMPLEMENTATIONS}")
+  if remat not in REMAT_POLICIES:
+    raise ValueError(f"remat {remat!r} is not one of {', '.join(REMAT_POLICIES)}")
 
 
 def logical(*names: str | None) -> dict:
@@ -85,6 +99,19 @@ def layer_norm(x: jax.Array, eps: float) -> jax.Array:
   centred = x32 - mean
   var = jnp.mean(jnp.square(centred), -1, keepdims=True)
   return (centred * jax.lax.rsqrt(var + eps)).astype(x.dtype)
+
+
+class RMSNorm(nnx.Module):
+  """RMSNorm over the last axis with a learnable scale; statistics in float32 (diffusers): (..., D) -> (..., D)."""
+
+  def __init__(self, dim: int, *, param_dtype, eps: float):
+    self.eps = eps
+    self.scale = nnx.Param(jnp.ones((dim,), param_dtype), **logical(None))
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), -1, keepdims=True) + self.eps)
+    return (normed * self.scale[...].astype(jnp.float32)).astype(x.dtype)
 
 
 def modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
@@ -197,3 +224,11 @@ class Mlp(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     return self.fc2(jax.nn.gelu(self.fc1(x), approximate=True))
+
+
+def unpatchify(x: jax.Array, patch_size: int, channels: int, grid_h: int, grid_w: int) -> jax.Array:
+  """(B, h*w, p*p*C) tokens -> (B, h*p, w*p, C) image; token features ordered (row in patch, col in patch, C)."""
+  b = x.shape[0]
+  p = patch_size
+  x = x.reshape(b, grid_h, grid_w, p, p, channels).transpose(0, 1, 3, 2, 4, 5)
+  return x.reshape(b, grid_h * p, grid_w * p, channels)

@@ -20,9 +20,9 @@ from flax import nnx
 
 from dit_jax.models import layers
 from dit_jax.models.attention import dot_product_attention
-from dit_jax.models.config import JsonConfig
-from dit_jax.models.dit import REMAT_POLICIES, check_build_options, unpatchify
-from dit_jax.models.layers import FrozenParam, layer_norm, modulate
+from dit_jax.models.config import JsonConfig, check_all
+from dit_jax.models.layers import (REMAT_POLICIES, FrozenParam, RMSNorm, check_build_options, layer_norm, modulate,
+                                  unpatchify)
 
 QK_NORMS = (None, "rms_norm")
 NORM_EPS = 1e-6  # every LayerNorm (affine-free) and the QK RMSNorm
@@ -65,9 +65,7 @@ class MMDiTConfig(JsonConfig):
         (all(0 <= i < self.num_layers for i in self.dual_attention_layers),
          f"dual_attention_layers {self.dual_attention_layers} outside 0..{self.num_layers - 1}"),
     ]
-    for ok, message in checks:
-      if not ok:
-        raise ValueError(f"invalid MMDiT config: {message}")
+    check_all(checks, "invalid MMDiT config")
 
   @property
   def hidden_size(self) -> int:
@@ -92,19 +90,6 @@ def crop_pos_embed(table: jax.Array, max_size: int, grid_h: int, grid_w: int) ->
   return grid.reshape(grid_h * grid_w, -1)
 
 
-class RMSNorm(nnx.Module):
-  """Per-head RMSNorm over the last axis with a learnable scale; statistics in float32 (diffusers)."""
-
-  def __init__(self, dim: int, *, param_dtype, eps: float = NORM_EPS):
-    self.eps = eps
-    self.scale = nnx.Param(jnp.ones((dim,), param_dtype), **layers.logical(None))
-
-  def __call__(self, x: jax.Array) -> jax.Array:
-    x32 = x.astype(jnp.float32)
-    normed = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), -1, keepdims=True) + self.eps)
-    return (normed * self.scale[...].astype(jnp.float32)).astype(x.dtype)
-
-
 class StreamAttention(nnx.Module):
   """One stream's share of an attention: fused qkv (+ per-head QK RMSNorm) and, unless ``pre_only``, the output
   projection. qkv rows are [q | k | v], each head-major."""
@@ -115,8 +100,8 @@ class StreamAttention(nnx.Module):
     self.heads = heads
     self.qkv = layers.linear(hidden, 3 * hidden, rngs, axes=("embed", "heads"), **kw)
     head_dim = hidden // heads
-    self.ln_q = RMSNorm(head_dim, param_dtype=param_dtype) if qk_norm else None
-    self.ln_k = RMSNorm(head_dim, param_dtype=param_dtype) if qk_norm else None
+    self.ln_q = RMSNorm(head_dim, param_dtype=param_dtype, eps=NORM_EPS) if qk_norm else None
+    self.ln_k = RMSNorm(head_dim, param_dtype=param_dtype, eps=NORM_EPS) if qk_norm else None
     self.proj = None if pre_only else layers.linear(hidden, hidden, rngs, axes=("heads", "embed"), **kw)
 
   def qkv_heads(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:

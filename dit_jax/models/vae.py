@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from flax import nnx, struct
 
 from dit_jax.models.attention import IMPLEMENTATIONS, dot_product_attention
-from dit_jax.models.config import JsonConfig
+from dit_jax.models.config import JsonConfig, check_all
 
 RESNET_EPS = 1e-6  # every GroupNorm of the VAE (resnets, attention, norm_out)
 LOGVAR_RANGE = (-30.0, 20.0)
@@ -56,9 +56,7 @@ class VAEConfig(JsonConfig):
          f"block_out_channels {self.block_out_channels} are not all positive multiples of norm_num_groups {g}"),
         (self.scaling_factor > 0, f"scaling_factor {self.scaling_factor} must be positive"),
     ]
-    for ok, message in checks:
-      if not ok:
-        raise ValueError(f"invalid VAE config: {message}")
+    check_all(checks, "invalid VAE config")
 
   @property
   def downsample_factor(self) -> int:
