@@ -79,16 +79,17 @@ COND_KEYS = {"context": "context", "pooled": "pooled", "negative_context": "cont
 
 def _decoder(args, dtype):
   import dit_jax
-  from dit_jax import sampling
+  from dit_jax import sample_files
 
   bundled = pathlib.Path(args.checkpoint) / "vae"
   vae_dir = args.vae or (bundled if bundled.is_dir() else None)
   if vae_dir is None or args.no_vae:
     return None
-  return sampling.vae_decoder(dit_jax.load_vae(vae_dir, dtype=dtype))
+  return sample_files.vae_decoder(dit_jax.load_vae(vae_dir, dtype=dtype))
 
 
 def run(args: argparse.Namespace) -> str:
+  from dit_jax import kinds
   from dit_jax.checkpoint import read_meta
 
   out = pathlib.Path(args.out)
@@ -98,22 +99,21 @@ def run(args: argparse.Namespace) -> str:
     raise ValueError("--zoom must be >= 1")
   if args.method is not None and args.method not in METHODS:
     raise ValueError(f"unknown method {args.method!r}; choose one of {', '.join(METHODS)}")
-  kind = read_meta(args.checkpoint)["kind"]
-  if kind == "mmdit":
-    return run_mmdit(args, out)
-  if kind != "dit":
-    raise ValueError(f"{args.checkpoint} is a {kind} checkpoint, not a diffusion model")
+  kind = kinds.get(read_meta(args.checkpoint)["kind"])
+  if kind.conditioning not in RUNNERS:
+    raise ValueError(f"{args.checkpoint} is a {kind.name} checkpoint, not a diffusion model")
+  return RUNNERS[kind.conditioning](args, out)
+
+
+def run_labels(args: argparse.Namespace, out: pathlib.Path) -> str:
+  """A class-conditional model (DiT): a grid of --class-labels, or --num-samples into a resumable .npz."""
   given = [f"--{name.replace('_', '-')}" for name in MMDIT_FLAGS if getattr(args, name) is not None]
   if given:
     raise ValueError(f"{given[0]} is for MMDiT checkpoints; a DiT is sampled from --class-labels")
-  return run_dit(args, out)
-
-
-def run_dit(args: argparse.Namespace, out: pathlib.Path) -> str:
   import jax.numpy as jnp
 
   import dit_jax
-  from dit_jax import sampling
+  from dit_jax import sample_files
 
   if (out.suffix == ".npz") != (args.num_samples is not None):
     raise ValueError("--num-samples goes with an .npz output (and a .png grid takes --class-labels)")
@@ -129,7 +129,7 @@ def run_dit(args: argparse.Namespace, out: pathlib.Path) -> str:
   model = dit_jax.load(args.checkpoint, dtype=dtype)
   decode = _decoder(args, dtype)
   if labels is not None:
-    from dit_jax.diffusion.samplers import check_labels
+    from dit_jax.kinds.dit import check_labels
     check_labels(labels, model.config.num_classes)
   kw = dict(method=args.method or "ddpm", steps=args.steps, respacing=args.respacing,
             cfg_scale=4.0 if args.cfg_scale is None else args.cfg_scale, cfg_mode=args.cfg_mode,
@@ -137,11 +137,11 @@ def run_dit(args: argparse.Namespace, out: pathlib.Path) -> str:
             flow_convention=args.flow_convention or "sit")
   out.parent.mkdir(parents=True, exist_ok=True)
   if out.suffix == ".png":
-    images = sampling.generate_batch(model, labels, args.seed, 0, decode, **kw)
-    images = sampling.displayable(images).repeat(args.zoom, axis=1).repeat(args.zoom, axis=2)
-    sampling.save_png(out, sampling.image_grid(images, args.nrow))
+    images = sample_files.generate_batch(model, labels, args.seed, 0, decode, **kw)
+    images = sample_files.displayable(images).repeat(args.zoom, axis=1).repeat(args.zoom, axis=2)
+    sample_files.save_png(out, sample_files.image_grid(images, args.nrow))
     return f"wrote {out} ({len(labels)} samples)"
-  sampling.sample_to_npz(model, out, args.num_samples, args.batch_size, args.seed, labels=labels, decode=decode,
+  sample_files.sample_to_npz(model, out, args.num_samples, args.batch_size, args.seed, labels=labels, decode=decode,
                          keep_shards=args.keep_shards, **kw)
   return f"wrote {out} ({args.num_samples} samples)"
 
@@ -173,7 +173,7 @@ def read_cond(path: str) -> tuple[dict, dict | None]:
 def sampling_options(args: argparse.Namespace, default_shift: float = 3.0) -> dict:
   """Method, steps, shift, CFG and skip-layer guidance for an MMDiT: defaults (shift: a training run's own) <
   --preset < explicit flags."""
-  from dit_jax.sampling import load_preset
+  from dit_jax.presets import load_preset
 
   opts = dict(method="euler", steps=None, shift=default_shift, cfg_scale=4.0, skip_layer_guidance=None)
   if args.preset:
@@ -197,14 +197,15 @@ def sampling_options(args: argparse.Namespace, default_shift: float = 3.0) -> di
   return opts
 
 
-def run_mmdit(args: argparse.Namespace, out: pathlib.Path) -> str:
+def run_text(args: argparse.Namespace, out: pathlib.Path) -> str:
+  """A text-conditional model (MMDiT): one sample per row of --cond embeddings (or per class-token label)."""
   import jax
   import jax.numpy as jnp
 
   import dit_jax
-  from dit_jax import sampling
+  from dit_jax import sample_files
   from dit_jax.checkpoint import read_meta
-  from dit_jax.diffusion.samplers import check_latent_size, check_text_cond
+  from dit_jax.kinds.mmdit import check_latent_size, check_text_cond
 
   for flag, value in (("--num-samples", args.num_samples), ("--respacing", args.respacing),
                       ("--guidance-interval", args.guidance_interval)):
@@ -219,7 +220,7 @@ def run_mmdit(args: argparse.Namespace, out: pathlib.Path) -> str:
   if args.cond is not None:
     cond, negative = read_cond(args.cond)
   else:  # a class-token run (configs/mmdit_demo.py): labels -> its fixed context / pooled tables
-    from dit_jax.data import class_tokens_of
+    from dit_jax.workdir import class_tokens_of
     cond, negative = class_tokens_of(args.checkpoint)(_ints(args.class_labels, "--class-labels")), None
   opts = sampling_options(args, default_shift=training.get("flow_shift", 3.0))
   dtype = jnp.bfloat16 if args.bf16 else jnp.float32
@@ -238,14 +239,17 @@ def run_mmdit(args: argparse.Namespace, out: pathlib.Path) -> str:
   key = jax.random.fold_in(jax.random.key(args.seed), 0)
   latents = dit_jax.sample(model, cond, key, negative=negative, latent_size=latent_size, cfg_mode=args.cfg_mode,
                            **opts)
-  images = sampling.to_uint8(jax.device_get(decode(latents) if decode is not None else latents))
+  images = sample_files.to_uint8(jax.device_get(decode(latents) if decode is not None else latents))
   out.parent.mkdir(parents=True, exist_ok=True)
   if out.suffix == ".npz":
-    sampling.save_npz(out, arr_0=images, latents=np.asarray(jax.device_get(latents), np.float32))
+    sample_files.save_npz(out, arr_0=images, latents=np.asarray(jax.device_get(latents), np.float32))
   else:
-    images = sampling.displayable(images).repeat(args.zoom, axis=1).repeat(args.zoom, axis=2)
-    sampling.save_png(out, sampling.image_grid(images, args.nrow))
+    images = sample_files.displayable(images).repeat(args.zoom, axis=1).repeat(args.zoom, axis=2)
+    sample_files.save_png(out, sample_files.image_grid(images, args.nrow))
   return f"wrote {out} ({len(images)} samples, {opts['method']} {opts['steps'] or 'default'} steps)"
+
+
+RUNNERS = {"labels": run_labels, "text": run_text}  # by the model kind's conditioning (dit_jax.kinds)
 
 
 def main(argv=None) -> int:

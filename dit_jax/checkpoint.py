@@ -1,4 +1,5 @@
-"""Checkpoint directories: ``dit_jax.json`` (model kind, config, provenance) + ``params/`` (orbax).
+"""Checkpoint directories: ``dit_jax.json`` (model kind, config, provenance) + ``params/`` (orbax), and the orbax
+manager of a training workdir (:class:`Checkpoints`), whose latest EMA weights ``load`` also reads.
 
 Directories are written to a temporary sibling and renamed into place, so an interrupted or failed write never
 leaves a half-written checkpoint and never destroys an existing one.
@@ -15,16 +16,16 @@ from typing import Any, Iterator
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
+import orbax.checkpoint as ocp
 from flax import nnx
 
-from dit_jax.models.dit import DiT, DiTConfig
-from dit_jax.models.mmdit import MMDiT, MMDiTConfig
-from dit_jax.models.vae import AutoencoderKL, VAEConfig
+from dit_jax import kinds
+from dit_jax.models.vae import AutoencoderKL
 
 FORMAT_VERSION = 1
 META = "dit_jax.json"
-KINDS = {"dit": (DiT, DiTConfig), "mmdit": (MMDiT, MMDiTConfig), "vae": (AutoencoderKL, VAEConfig)}
 BUNDLED_VAE = "vae"  # a DiT checkpoint directory may carry its VAE as a checkpoint in this subdirectory
 
 
@@ -55,16 +56,12 @@ def atomic_directory(out_dir: str | os.PathLike, overwrite: bool = False) -> Ite
 
 
 def _checkpointer():
-  import orbax.checkpoint as ocp
   return ocp.StandardCheckpointer()
 
 
-def kind_of(model: nnx.Module) -> str:
-  return next(k for k, (cls, _) in KINDS.items() if isinstance(model, cls))
-
-
 def _write(model: nnx.Module, directory: pathlib.Path, extra: dict[str, Any] | None) -> None:
-  meta = {"format_version": FORMAT_VERSION, "kind": kind_of(model), "config": model.config.to_dict(), **(extra or {})}
+  meta = {"format_version": FORMAT_VERSION, "kind": kinds.of(model).name, "config": model.config.to_dict(),
+          **(extra or {})}
   directory.mkdir(parents=True, exist_ok=True)
   (directory / META).write_text(json.dumps(meta, indent=2) + "\n")
   ckptr = _checkpointer()
@@ -95,7 +92,7 @@ def read_meta(path: str | os.PathLike) -> dict[str, Any]:
     meta = json.loads(meta_path.read_text())
   except json.JSONDecodeError as e:
     raise CheckpointError(f"{meta_path} is corrupt ({e})") from None
-  if meta.get("kind") not in KINDS:
+  if meta.get("kind") not in kinds.KINDS:
     raise CheckpointError(f"{meta_path}: unknown model kind {meta.get('kind')!r}")
   if meta.get("format_version", 0) > FORMAT_VERSION:
     raise CheckpointError(f"{meta_path}: format version {meta['format_version']} is newer than this dit_jax")
@@ -113,12 +110,12 @@ def load(path: str | os.PathLike, dtype=jnp.float32, *, param_dtype=jnp.float32,
   """
   path = pathlib.Path(path).absolute()
   meta = read_meta(path)
-  module_cls, config_cls = KINDS[meta["kind"]]
+  kind = kinds.get(meta["kind"])
   try:
-    config = config_cls.from_dict(meta["config"])
+    config = kind.config.from_dict(meta["config"])
   except (TypeError, ValueError) as e:
     raise CheckpointError(f"{path / META}: {e}") from None
-  abstract = nnx.eval_shape(lambda: module_cls(config, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype,
+  abstract = nnx.eval_shape(lambda: kind.build(config, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype,
                                                attention_impl=attention_impl))
   if "training" in meta:
     return _load_training_ema(path, abstract, meta)  # a training workdir: its latest EMA weights
@@ -141,10 +138,56 @@ def load_vae(path: str | os.PathLike, dtype=jnp.float32, *, param_dtype=jnp.floa
   raise CheckpointError(f"{path} holds no VAE (neither a VAE checkpoint nor a bundled {BUNDLED_VAE}/ directory)")
 
 
+class Checkpoints:
+  """orbax CheckpointManager over <workdir>/checkpoints. Items: 'train' (TrainState without the EMA), 'ema' and
+  'rest' (the EMA parameters and frozen tables: all ``dit_jax.load`` reads) and 'extra' (JSON: input position).
+  Async saves; keeps the last N plus every K-th step."""
+
+  ITEMS = ("train", "ema", "rest", "extra")
+
+  def __init__(self, workdir: pathlib.Path, config: ml_collections.ConfigDict | None = None):
+    self.args = ocp.args
+    if config is None:
+      options = ocp.CheckpointManagerOptions(read_only=True, create=False)
+    else:
+      options = ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints,
+                                             keep_period=config.keep_period or None, create=True,
+                                             enable_async_checkpointing=True, cleanup_tmp_directories=True)
+    self.manager = ocp.CheckpointManager(pathlib.Path(workdir).absolute() / "checkpoints", options=options,
+                                         item_names=self.ITEMS)
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def save(self, step: int, state, rest: nnx.State, extra: dict) -> None:
+    """Save a ``trainer.TrainState`` (async)."""
+    a = self.args
+    self.manager.save(step, args=a.Composite(train=a.StandardSave(state.replace(ema=None)),
+                                             ema=a.StandardSave(state.ema), rest=a.StandardSave(rest),
+                                             extra=a.JsonSave(extra)), force=True)
+
+  def restore(self, step: int, abstract_state, abstract_rest):
+    a = self.args
+    out = self.manager.restore(step, args=a.Composite(
+        train=a.StandardRestore(abstract_state.replace(ema=None)), ema=a.StandardRestore(abstract_state.ema),
+        rest=a.StandardRestore(abstract_rest), extra=a.JsonRestore()))
+    return out["train"].replace(ema=out["ema"]), out["rest"], out["extra"]
+
+  def restore_ema(self, step: int, abstract_params, abstract_rest):
+    a = self.args
+    out = self.manager.restore(step, args=a.Composite(ema=a.StandardRestore(abstract_params),
+                                                      rest=a.StandardRestore(abstract_rest)))
+    return out["ema"], out["rest"]
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.close()
+
+
 def _load_training_ema(path: pathlib.Path, abstract: nnx.Module, meta: dict[str, Any]) -> nnx.Module:
   """The EMA weights of the latest checkpoint of a training workdir."""
-  from dit_jax.train import Checkpoints
-
   ckpts = Checkpoints(path)
   step = ckpts.latest_step()
   if step is None:

@@ -7,6 +7,10 @@ from __future__ import annotations
 
 import ml_collections
 
+from dit_jax import data, kinds
+from dit_jax.diffusion.objectives import OBJECTIVES
+from dit_jax.models.config import check_all
+
 
 def default_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
@@ -15,16 +19,15 @@ def default_config() -> ml_collections.ConfigDict:
   c.global_batch_size = 256
   c.grad_accum_steps = 1
 
-  # Model: kind 'dit' (class-conditional DiT: a named config such as 'DiT-XL/2' plus overrides, or name '' and
-  # every field below) or 'mmdit' (SD3-style MMDiT: the fields of c.mmdit, conditioned on context / pooled).
+  # Model: kind, a registered model kind (dit_jax.kinds): 'dit' (class-conditional DiT: a named config such as
+  # 'DiT-XL/2' plus overrides, or name '' and every field below) or 'mmdit' (SD3-style MMDiT: the fields of
+  # c.mmdit, conditioned on context / pooled). A kind with a section of its own adds it below (Kind.train_section).
   c.model = ml_collections.ConfigDict(dict(
       kind="dit", name="DiT-XL/2", input_size=32, in_channels=4, num_classes=1000, learn_sigma=True,
       class_dropout_prob=0.1, hidden_size=0, depth=0, num_heads=0, patch_size=0, mlp_ratio=4.0))
-  # MMDiTConfig fields (qk_norm '' = none); the default is a small SD3-shaped model, recipes set their own.
-  c.mmdit = ml_collections.ConfigDict(dict(
-      sample_size=32, patch_size=2, in_channels=4, num_layers=12, attention_head_dim=64, num_attention_heads=12,
-      joint_attention_dim=768, caption_projection_dim=768, pooled_projection_dim=768, out_channels=4,
-      pos_embed_max_size=32, qk_norm="", dual_attention_layers=()))
+  for kind in kinds.KINDS.values():
+    if kind.train_section:
+      c[kind.train_section] = kind.train_defaults()
   c.cond_dropout_prob = 0.1  # MMDiT: each example's context and pooled are zeroed with this probability
   c.compute_dtype = "float32"  # or 'bfloat16' (parameters stay float32)
   c.attention_impl = "auto"
@@ -48,8 +51,7 @@ def default_config() -> ml_collections.ConfigDict:
                                                  process_id=-1))
 
   # Data (see dit_jax.data).
-  from dit_jax.data import default_data_config
-  c.data = default_data_config()
+  c.data = data.default_data_config()
 
   # Bookkeeping.
   c.log_every_steps = 100
@@ -74,8 +76,12 @@ def _check_keys(config: ml_collections.ConfigDict, schema: ml_collections.Config
 def validate(config: ml_collections.ConfigDict) -> None:
   """Raise a one-line ValueError for a key the schema does not define or an impossible value."""
   _check_keys(config, default_config())
+  kind = kinds.KINDS.get(config.model.kind)
   checks = [
-      (config.objective in ("vp", "flow"), f"objective {config.objective!r} is not 'vp' or 'flow'"),
+      (kind is not None and bool(kind.batch_ndims),
+       f"model.kind {config.model.kind!r} is not one of "
+       f"{', '.join(repr(k.name) for k in kinds.KINDS.values() if k.batch_ndims)}"),
+      (config.objective in OBJECTIVES, f"objective {config.objective!r} is not one of {', '.join(map(repr, OBJECTIVES))}"),
       (config.compute_dtype in ("float32", "bfloat16"), f"compute_dtype {config.compute_dtype!r}"),
       (config.global_batch_size > 0 and config.total_steps > 0, "global_batch_size and total_steps must be > 0"),
       (config.grad_accum_steps > 0 and config.global_batch_size % config.grad_accum_steps == 0,
@@ -83,26 +89,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
       (config.optimizer.schedule in ("constant", "cosine"), f"optimizer.schedule {config.optimizer.schedule!r}"),
       (0.0 <= config.ema_decay < 1.0, f"ema_decay {config.ema_decay} is not in [0, 1)"),
   ]
-  if config.model.kind == "mmdit":
-    checks += [
-        (config.objective == "flow" and config.flow.convention == "sd3",
-         "model.kind 'mmdit' trains with objective 'flow' and flow.convention 'sd3'"),
-        (config.data.conditioning in ("text", "class_tokens"),
-         f"model.kind 'mmdit' needs data.conditioning 'text' or 'class_tokens', not {config.data.conditioning!r}"),
-        (0.0 <= config.cond_dropout_prob <= 1.0, f"cond_dropout_prob {config.cond_dropout_prob} is not in [0, 1]"),
-        (not config.sample_every_steps or config.sample.method not in ("ddpm", "ddim"),
-         f"an MMDiT samples with a flow method (e.g. 'euler'), not sample.method {config.sample.method!r}"),
-    ]
-  else:
-    checks += [
-        (config.model.kind == "dit", f"model.kind {config.model.kind!r} is not 'dit' or 'mmdit'"),
-        (config.objective != "vp" or config.model.learn_sigma, "the vp hybrid loss needs model.learn_sigma=True"),
-        (config.data.conditioning == "label", "model.kind 'dit' is conditioned on labels (data.conditioning 'label')"),
-    ]
-  for ok, message in checks:
-    if not ok:
-      raise ValueError(f"invalid config: {message}")
-  if config.model.kind == "mmdit":
-    from dit_jax.models.mmdit import MMDiTConfig
-
-    MMDiTConfig(**{**config.mmdit, "qk_norm": config.mmdit.qk_norm or None})  # one-line "invalid MMDiT config: ..."
+  check_all(checks, "invalid config")
+  check_all(kind.train_checks(config), "invalid config")
+  kind.model_config(config)  # the model config's own one-line errors (e.g. "invalid MMDiT config: ...")

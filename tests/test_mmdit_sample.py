@@ -97,7 +97,7 @@ def test_turbo_style_no_cfg_matches_pipeline(models):
 
 
 def test_presets_load_and_validate(tmp):
-  from dit_jax.sampling import load_preset
+  from dit_jax.presets import load_preset
 
   medium = load_preset("sd35_medium")
   assert (medium.method, medium.steps, medium.shift, medium.cfg_scale) == ("dpmpp_2m_sd35", 50, 3.0, 5.0)

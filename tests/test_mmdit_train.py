@@ -15,7 +15,8 @@ from flax import nnx
 import dit_jax
 from dit_jax import checkpoint, data, parallel
 from dit_jax.models.mmdit import MMDiT
-from dit_jax.train import Trainer, build_model, loss_fn, train
+from dit_jax.train import train
+from dit_jax.trainer import Trainer, build_model, loss_fn
 from dit_jax.train_config import validate
 from tests.test_train_distributed import _run
 from tests.train_utils import ToyTextLoader, losses, tiny_mmdit_config

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 import dit_jax
-from dit_jax import sampling
+from dit_jax import sample_files
 from dit_jax.convert import convert
 from tests.conftest import diffusers_dit
 
@@ -59,14 +59,14 @@ def test_npz_matches_adm_format_and_is_reproducible(ckpt, tmp):
 def test_interrupted_npz_run_resumes(ckpt, tmp, caplog):
   model = dit_jax.load(ckpt)
   kw = dict(method="ddim", steps=3, cfg_scale=2.0, progress=False)
-  full = sampling.sample_to_npz(model, tmp / "full.npz", 7, 3, seed=5, **kw)
+  full = sample_files.sample_to_npz(model, tmp / "full.npz", 7, 3, seed=5, **kw)
   # an interrupted run: only the first batch's shard made it to disk, plus a stray temporary file
-  sampling.sample_to_npz(model, tmp / "part.npz", 3, 3, seed=5, keep_shards=True, **kw)
+  sample_files.sample_to_npz(model, tmp / "part.npz", 3, 3, seed=5, keep_shards=True, **kw)
   shards = tmp / "resumed.npz.shards"
   (tmp / "part.npz.shards").rename(shards)
   (shards / ".000001.npz.tmp-123.npz").write_bytes(b"partial")
   with caplog.at_level("INFO", logger="dit_jax"):
-    sampling.sample_to_npz(model, tmp / "resumed.npz", 7, 3, seed=5, **kw)
+    sample_files.sample_to_npz(model, tmp / "resumed.npz", 7, 3, seed=5, **kw)
   assert "resuming: 1 of 3 batches" in caplog.text
   a, b = np.load(full), np.load(tmp / "resumed.npz")
   np.testing.assert_array_equal(a["arr_0"], b["arr_0"])
@@ -75,7 +75,7 @@ def test_interrupted_npz_run_resumes(ckpt, tmp, caplog):
 
 def test_quantisation_matches_sample_ddp():
   x = np.array([-2.0, -1.0, -0.5, 0.0, 0.999, 1.0, 3.0], np.float32)
-  np.testing.assert_array_equal(sampling.to_uint8(x), [0, 0, 64, 128, 255, 255, 255])
+  np.testing.assert_array_equal(sample_files.to_uint8(x), [0, 0, 64, 128, 255, 255, 255])
 
 
 @pytest.mark.parametrize("extra,fragment", [
@@ -164,7 +164,7 @@ def test_mmdit_cond_npz_with_preset_decodes_through_bundled_vae(mmdit_ckpt, tmp,
                             skip_layer_guidance=dict(layers=[1], scale=2.8, start=0.01, stop=0.2))
   np.testing.assert_allclose(latents, expected, rtol=0, atol=1e-6)
   decoded = vae.decode(np.asarray(expected) / 1.5305 + 0.0609)  # SD3 units -> raw latents: z / scale + shift
-  assert np.abs(images.astype(int) - sampling.to_uint8(np.clip(decoded, -1, 1)).astype(int)).max() <= 1
+  assert np.abs(images.astype(int) - sample_files.to_uint8(np.clip(decoded, -1, 1)).astype(int)).max() <= 1
   code, err = _sample_main([*args, "--out", tmp / "g.png"], capsys)
   assert code == 0, err
   assert np.asarray(Image.open(tmp / "g.png")).shape == (2 * (16 + 2) + 2, 2 * (12 + 2) + 2, 3)

@@ -15,7 +15,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 import dit_jax
-from dit_jax import sampling
+from dit_jax import sample_files
 from dit_jax.convert import ConversionError, convert, export
 from dit_jax.diffusion.samplers import sample
 from tests.conftest import diffusers_dit, randomize_, rel_err
@@ -59,7 +59,7 @@ def test_pipeline_folder_bundles_its_vae_and_images_match_dit_pipeline(pipeline,
   pipe.set_progress_bar_config(disable=True)
   ref = pipe(class_labels=labels, guidance_scale=4.0, num_inference_steps=10, output_type="np").images
   latents = sample(model, np.array(labels), method="ddim", respacing="ddim10", cfg_scale=4.0, noise=x_T)
-  images = np.asarray(sampling.vae_decoder(vae)(latents))
+  images = np.asarray(sample_files.vae_decoder(vae)(latents))
   ours = np.clip(images / 2 + 0.5, 0, 1)
   err = rel_err(ours, ref)
   assert ours.shape == ref.shape == (2, 16, 16, 3) and err < 1e-4, f"DiTPipeline images: rel err {err:.2e}"

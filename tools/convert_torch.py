@@ -23,10 +23,9 @@ import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
+from dit_jax import kinds  # noqa: E402
 from dit_jax.checkpoint import BUNDLED_VAE, CheckpointError, read_meta  # noqa: E402
 from dit_jax.convert import ConversionError, convert, export  # noqa: E402
-from dit_jax.models.mmdit import MMDiTConfig  # noqa: E402
-from dit_jax.models.vae import VAEConfig  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -62,17 +61,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def summary(cfg, out: pathlib.Path) -> str:
   """One line describing a converted model (and the VAE bundled with it)."""
-  if isinstance(cfg, VAEConfig):
-    return (f"VAE channels={cfg.block_out_channels} latent={cfg.latent_channels} scale={cfg.scaling_factor} "
-            f"shift={cfg.shift_factor}")
-  if isinstance(cfg, MMDiTConfig):
-    p = cfg.pos_embed_max_size
-    text = (f"MMDiT depth={cfg.num_layers} hidden={cfg.hidden_size} heads={cfg.num_attention_heads} "
-            f"qk_norm={cfg.qk_norm} dual_layers={list(cfg.dual_attention_layers)} pos_grid={p}x{p} "
-            f"patch={cfg.patch_size} in={cfg.in_channels}")
-  else:
-    text = (f"DiT depth={cfg.depth} hidden={cfg.hidden_size} heads={cfg.num_heads} patch={cfg.patch_size} "
-            f"input={cfg.input_size} classes={cfg.num_classes} learn_sigma={cfg.learn_sigma}")
+  text = kinds.get(read_meta(out)["kind"]).describe(cfg)
   if (out / BUNDLED_VAE).is_dir():
     vae = read_meta(out / BUNDLED_VAE)["config"]
     text += (f" + bundled VAE (latent={vae['latent_channels']} scale={vae['scaling_factor']} "

@@ -51,7 +51,7 @@ def evaluate(checkpoint: str, per_class: int = 50, seed: int = 0, **sample_kwarg
   cfg = model.config
   labels = np.repeat(np.arange(10), per_class)
   if isinstance(model, dit_jax.MMDiT):
-    from dit_jax.data import class_tokens_of
+    from dit_jax.workdir import class_tokens_of
 
     tokens = class_tokens_of(checkpoint)
     if (cfg.sample_size, cfg.in_channels, tokens.num_classes) != (8, 1, 10):

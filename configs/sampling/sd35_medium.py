@@ -5,7 +5,7 @@ skip_layer_config (scale 2.5; the reference turns it on with --skip_layer_cfg Tr
 StableDiffusion3Pipeline defaults (flow-match Euler, 28 steps, guidance 7) with skip_guidance_layers [7, 8, 9] at
 its default skip_layer_guidance_scale 2.8.
 """
-from dit_jax.sampling import make_preset
+from dit_jax.presets import make_preset
 
 FLAVOURS = {
     "reference": dict(method="dpmpp_2m_sd35", steps=50, shift=3.0, cfg_scale=5.0,

@@ -6,7 +6,7 @@ defaults (flow-match Euler, 28 steps, guidance 7) with the released scheduler's 
 
   python sample.py --checkpoint ckpt/sd3-medium --cond cond.npz --preset sd3_medium:diffusers --out grid.png
 """
-from dit_jax.sampling import make_preset
+from dit_jax.presets import make_preset
 
 FLAVOURS = {
     "reference": dict(method="dpmpp_2m_sd35", steps=50, shift=1.0, cfg_scale=5.0, skip_layer_guidance=None),

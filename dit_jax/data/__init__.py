@@ -26,7 +26,6 @@ from dit_jax.data.text_embeddings import (
   ConditionedSource,
   TextEmbeddings,
   class_tokens_from_spec,
-  class_tokens_of,
   write_text_embedding_shards,
 )
 from dit_jax.data.tfds_source import TfdsSource
@@ -37,7 +36,7 @@ CONDITIONINGS = ("label", "text", "class_tokens")
 
 __all__ = ["CONDITIONINGS", "SOURCES", "ClassTokens", "ConditionedSource", "CorruptImage", "DigitsSource",
            "FolderSource", "LatentSource", "Loader", "TextEmbeddings", "TfdsSource", "center_crop_arr",
-           "class_tokens_from_spec", "class_tokens_of", "decode_image", "default_data_config", "make_conditioning",
+           "class_tokens_from_spec", "decode_image", "default_data_config", "make_conditioning",
            "make_loader", "make_source", "num_classes_of", "preprocess", "write_text_embedding_shards"]
 
 
@@ -67,33 +66,33 @@ def default_data_config() -> ml_collections.ConfigDict:
 
 def make_source(data_config):
   """The source a data config names."""
-  kind = data_config.source
-  if kind == "digits":
+  source = data_config.source
+  if source == "digits":
     return DigitsSource()
-  if kind == "folder":
+  if source == "folder":
     if not data_config.get("folder"):
       raise ValueError("data.source 'folder' needs data.folder (the ImageFolder root)")
     return FolderSource(data_config.folder)
-  if kind == "tfds":
+  if source == "tfds":
     if not data_config.get("name"):
       raise ValueError("data.source 'tfds' needs data.name (a TFDS dataset name)")
     return TfdsSource(data_config.name, split=data_config.get("split") or "train",
                       data_dir=data_config.get("data_dir") or None, manual_dir=data_config.get("manual_dir") or None,
                       download=bool(data_config.get("download", False)))
-  if kind == "latents":
+  if source == "latents":
     if not data_config.get("folder"):
       raise ValueError("data.source 'latents' needs data.folder (a directory written by tools/encode_latents.py)")
     return LatentSource(data_config.folder)
-  raise ValueError(f"unknown data.source {kind!r}; choose one of {', '.join(SOURCES)}")
+  raise ValueError(f"unknown data.source {source!r}; choose one of {', '.join(SOURCES)}")
 
 
 def make_conditioning(data_config, source, context_dim: int = 0, pooled_dim: int = 0):
   """The TextEmbeddings or ClassTokens a data config asks for (None for "label"); dims are the MMDiT's
   joint_attention_dim / pooled_projection_dim, checked against the text shards."""
-  kind = data_config.get("conditioning", "label")
-  if kind == "label":
+  conditioning = data_config.get("conditioning", "label")
+  if conditioning == "label":
     return None
-  if kind == "text":
+  if conditioning == "text":
     if not data_config.get("text_folder"):
       raise ValueError("data.conditioning 'text' needs data.text_folder (a text-embedding directory)")
     text = TextEmbeddings(data_config.text_folder)
@@ -102,10 +101,10 @@ def make_conditioning(data_config, source, context_dim: int = 0, pooled_dim: int
       raise ValueError(f"text embeddings in {data_config.text_folder} have context dim {got[0]} and pooled dim "
                        f"{got[1]}; the model expects {context_dim} and {pooled_dim}")
     return text
-  if kind == "class_tokens":
+  if conditioning == "class_tokens":
     return ClassTokens(num_classes_of(source), data_config.class_token_length, context_dim, pooled_dim,
                        data_config.class_token_seed)
-  raise ValueError(f"unknown data.conditioning {kind!r}; choose one of {', '.join(CONDITIONINGS)}")
+  raise ValueError(f"unknown data.conditioning {conditioning!r}; choose one of {', '.join(CONDITIONINGS)}")
 
 
 def make_loader(data_config, *, global_batch_size: int, seed: int, process_index: int = 0,

@@ -146,18 +146,6 @@ def class_tokens_from_spec(spec: dict) -> ClassTokens:
   return ClassTokens(spec["num_classes"], spec["length"], spec["context_dim"], spec["pooled_dim"], spec["seed"])
 
 
-def class_tokens_of(workdir) -> ClassTokens:
-  """The class tokens an MMDiT training workdir was trained with (from its ``dit_jax.json``), to turn labels into
-  the cond dict for ``dit_jax.sample``: ``class_tokens_of(workdir)(labels)``."""
-  from dit_jax.checkpoint import CheckpointError, read_meta
-
-  spec = read_meta(workdir).get("training", {}).get("conditioning")
-  if not spec or spec.get("kind") != "class_tokens":
-    raise CheckpointError(f"{workdir} was not trained on class tokens (no training.conditioning of kind "
-                          "'class_tokens' in its dit_jax.json)")
-  return class_tokens_from_spec(spec)
-
-
 class ConditionedSource:
   """A source whose items also carry "context" and "pooled": from text-embedding row i, or from the item's label.
 

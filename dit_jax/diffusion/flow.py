@@ -74,30 +74,31 @@ class FlowConvention:
 SD3 = FlowConvention("sd3", time_scale=1000.0, reverse_time=False, velocity_sign=1.0)
 SIT = FlowConvention("sit", time_scale=1.0, reverse_time=True, velocity_sign=-1.0)
 CONVENTIONS = {"sd3": SD3, "sit": SIT}
+METHODS = ("euler", "heun", "dpmpp_2m", "dpmpp_2m_sd35", "sde")  # the flow samplers
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Training-time noise levels
 
 
-def sample_sigmas(key: jax.Array, shape, kind: str = "logit_normal", loc: float = 0.0, scale: float = 1.0,
+def sample_sigmas(key: jax.Array, shape, sampler: str = "logit_normal", loc: float = 0.0, scale: float = 1.0,
                   mode_scale: float = 1.29) -> jax.Array:
   """Noise levels for training (SD3 paper §3.1), float32 in [1e-6, 1 - 1e-6].
 
-  kind:
+  sampler:
     'logit_normal': sigmoid(u), u ~ N(loc, scale) (rf/lognorm(0, 1) ranks best in the paper's Table 1);
     'mode': f_mode(u; s) = 1 - u - s (cos^2(pi u / 2) - 1 + u), u ~ U(0, 1), s = mode_scale (monotone for
       -1 <= s <= 2 / (pi - 2); s = 0 is uniform);
     'uniform': U(0, 1).
   """
   shape = (shape,) if isinstance(shape, int) else tuple(shape)
-  if kind == "logit_normal":
+  if sampler == "logit_normal":
     sigma = jax.nn.sigmoid(loc + scale * jax.random.normal(key, shape, jnp.float32))
-  elif kind in ("uniform", "mode"):
+  elif sampler in ("uniform", "mode"):
     u = jax.random.uniform(key, shape, jnp.float32)
-    sigma = u if kind == "uniform" else 1 - u - mode_scale * (jnp.cos(jnp.pi * u / 2) ** 2 - 1 + u)
+    sigma = u if sampler == "uniform" else 1 - u - mode_scale * (jnp.cos(jnp.pi * u / 2) ** 2 - 1 + u)
   else:
-    raise ValueError(f"unknown sigma sampling kind {kind!r}: use 'logit_normal', 'mode' or 'uniform'")
+    raise ValueError(f"unknown sigma sampling kind {sampler!r}: use 'logit_normal', 'mode' or 'uniform'")
   return jnp.clip(sigma, _EPS, 1 - _EPS)
 
 

@@ -1,5 +1,6 @@
 """Sampling loops, each one ``lax.fori_loop`` inside a single ``jax.jit``, and the public ``sample`` entry point
-for class-conditional DiTs and text-conditional MMDiTs (SD3 flow convention, CFG, skip-layer guidance).
+for every sampled model kind: the kind (:mod:`dit_jax.kinds`) checks the condition and calls the model (DiT: class
+labels; MMDiT: text embeddings with a negative and skip-layer guidance), the loop is shared.
 
 VP (DDPM / IDDPM): ``ddpm`` (ancestral, learned or fixed variance) and ``ddim`` (eta). Flow: ``euler``, ``heun``,
 ``dpmpp_2m`` (diffusers' flow mode), ``dpmpp_2m_sd35`` (the Stability sd3.5 reference), ``sde`` (SiT's
@@ -18,12 +19,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dit_jax.diffusion import guidance
+from dit_jax import kinds
+from dit_jax.diffusion import flow, guidance, vp
 from dit_jax.diffusion.vp import GaussianDiffusion, create_diffusion
-from dit_jax.models.mmdit import MMDiT, MMDiTConfig
 
-VP_METHODS = ("ddpm", "ddim")
-FLOW_METHODS = ("euler", "heun", "dpmpp_2m", "dpmpp_2m_sd35", "sde")
+VP_METHODS = vp.METHODS
+FLOW_METHODS = flow.METHODS
 METHODS = VP_METHODS + FLOW_METHODS
 DEFAULT_STEPS = {"ddpm": 250, "ddim": 50, "euler": 50, "heun": 25, "dpmpp_2m": 50, "dpmpp_2m_sd35": 50, "sde": 250}
 
@@ -99,16 +100,6 @@ def _validate(method, steps, cfg_scale, step_noise, latent_shape, respacing):
     raise ValueError(f"step_noise has shape {tuple(step_noise.shape)}, expected (steps, {', '.join(map(str, latent_shape))})")
 
 
-def check_labels(labels: np.ndarray, num_classes: int) -> None:
-  if labels.ndim != 1:
-    raise ValueError(f"class labels must be a 1-D array, got shape {labels.shape}")
-  if not np.issubdtype(labels.dtype, np.integer):
-    raise ValueError(f"class labels must be integers, got {labels.dtype}")
-  bad = labels[(labels < 0) | (labels > num_classes)]
-  if bad.size:
-    raise ValueError(f"class id {int(bad[0])} is out of range 0..{num_classes - 1} (null class {num_classes})")
-
-
 def flow_schedule(method: str, steps: int, shift: float, convention: str) -> np.ndarray:
   """(steps + 1,) descending sigmas ending in 0 for a flow method.
 
@@ -116,8 +107,6 @@ def flow_schedule(method: str, steps: int, shift: float, convention: str) -> np.
   sigmas. Otherwise: the SD3 / diffusers FlowMatchEuler schedule for the 'sd3' convention, and the uniform grid
   1 -> 0 that SiT's ODE sampler integrates for 'sit'. ``shift`` != 1 is applied as sigma' = s sigma/(1+(s-1) sigma).
   """
-  from dit_jax.diffusion import flow
-
   if method == "dpmpp_2m":
     return flow.dpm_flow_sigmas(steps, shift)
   if convention == "sd3" and method != "sde":
@@ -142,16 +131,7 @@ class _Options:
   slg: guidance.SkipLayerGuidance | None
 
 
-def _network(model: nnx.Module, skip_layers: tuple[int, ...] = ()) -> guidance.CondModelFn:
-  """model(x, t, cond) for a DiT (cond = labels) or an MMDiT (cond = {'context', 'pooled'})."""
-  if isinstance(model, MMDiT):
-    return lambda x, t, c: model(x, t, c["context"], c["pooled"], skip_layers=skip_layers)
-  return lambda x, t, y: model(x, t, y)
-
-
 def _flow_solve(method, velocity, x, sigmas, step_noise, key):
-  from dit_jax.diffusion import flow
-
   if method == "sde":
     return flow.euler_maruyama(velocity, x, sigmas, step_noise=step_noise, key=key)
   solver = {"euler": flow.euler, "heun": flow.heun, "dpmpp_2m": flow.dpmpp_2m,
@@ -165,9 +145,8 @@ def _compiled(graphdef, o: _Options):
   def run(state, cond, uncond, x, step_noise, key):
     model = nnx.merge(graphdef, state)
     cfg = model.config
-    if uncond is None:  # DiT: the null class
-      uncond = jnp.full_like(cond, cfg.num_classes)
-    net = _network(model)
+    kind = kinds.of(model)
+    net = kind.sample_network(model)
     kw = dict(latent_channels=cfg.in_channels, mode=o.cfg_mode, interval=o.interval)
     if o.method in VP_METHODS:
       diffusion = create_diffusion(o.respacing or str(o.steps))
@@ -176,81 +155,19 @@ def _compiled(graphdef, o: _Options):
       if o.method == "ddpm":
         return ddpm(diffusion, model_fn, x, **noise_kw)
       return ddim(diffusion, model_fn, x, eta=o.eta, **noise_kw)
-    from dit_jax.diffusion import flow
-
     conv = flow.CONVENTIONS[o.convention]
     sigmas = jnp.asarray(flow_schedule(o.method, o.steps, o.shift, o.convention))
     on_sigma = lambda f: (lambda x, sigma, c: f(x, conv.model_time(sigma), c))
     if o.slg is not None:
       window = jnp.asarray(o.slg.window(o.steps))
       # the step index of a schedule sigma: how many schedule entries lie above it (exact: same float32 values)
-      kw.update(skip_fn=on_sigma(_network(model, o.slg.layers)), skip_scale=o.slg.scale,
+      kw.update(skip_fn=on_sigma(kind.sample_network(model, o.slg.layers)), skip_scale=o.slg.scale,
                 skip_active=lambda sigma: window[jnp.minimum(jnp.sum(sigmas[:-1] > sigma[0]), o.steps - 1)])
     model_fn = guidance.guided(on_sigma(net), cond, uncond, o.cfg_scale, noise_level=lambda sigma: sigma, **kw)
     velocity = lambda x, sigma: conv.to_sd3_velocity(model_fn(x, sigma)[..., :cfg.in_channels])
     return _flow_solve(o.method, velocity, x, sigmas, step_noise, key)
 
   return jax.jit(run)
-
-
-TEXT_KEYS = ("context", "pooled")
-
-
-def check_text_cond(config: MMDiTConfig, cond, negative=None) -> tuple[dict, dict]:
-  """Validate an MMDiT condition; returns float32 (cond, uncond) dicts of context (B, L, D) and pooled (B, Dp).
-
-  ``negative`` (same keys, 1 or B rows, same L) defaults to zeros of the cond shapes, the empty condition of
-  dit_jax's MMDiT training dropout; a one-row negative is broadcast to B rows.
-  """
-  dims = {"context": (3, config.joint_attention_dim, "(B, L, joint_attention_dim)"),
-          "pooled": (2, config.pooled_projection_dim, "(B, pooled_projection_dim)")}
-
-  def arrays(m, what):
-    if not isinstance(m, Mapping):
-      raise ValueError(f"an MMDiT is conditioned on text embeddings: {what} must be a mapping with keys context "
-                       f"(B, L, {config.joint_attention_dim}) and pooled (B, {config.pooled_projection_dim}), "
-                       f"not {type(m).__name__} (class labels go to a DiT)")
-    missing, extra = [k for k in TEXT_KEYS if k not in m], sorted(set(m) - set(TEXT_KEYS))
-    if missing or extra:
-      raise ValueError(f"{what} must have exactly the keys context and pooled; "
-                       + ", ".join(([f"missing {', '.join(missing)}"] if missing else [])
-                                   + ([f"unexpected {', '.join(extra)}"] if extra else [])))
-    out = {k: np.asarray(m[k], np.float32) for k in TEXT_KEYS}
-    for k, (ndim, dim, shape) in dims.items():
-      if out[k].ndim != ndim or out[k].shape[-1] != dim:
-        raise ValueError(f"{what} {k} has shape {out[k].shape}, expected {shape} = (..., {dim}) for this model")
-    return out
-
-  c = arrays(cond, "cond")
-  b = c["context"].shape[0]
-  if c["pooled"].shape[0] != b or b == 0:
-    raise ValueError(f"cond batch mismatch: context has {b} rows, pooled {c['pooled'].shape[0]}")
-  if negative is None:
-    return c, {k: np.zeros_like(v) for k, v in c.items()}
-  u = arrays(negative, "negative")
-  for k, v in u.items():
-    if v.shape[0] not in (1, b):
-      raise ValueError(f"negative {k} has {v.shape[0]} rows; expected 1 or the batch size {b}")
-  if u["context"].shape[1] != c["context"].shape[1]:
-    raise ValueError(f"negative context has {u['context'].shape[1]} tokens, cond context "
-                     f"{c['context'].shape[1]}; they must match")
-  return c, {k: np.broadcast_to(v, (b, *v.shape[1:])).copy() for k, v in u.items()}
-
-
-def check_latent_size(config: MMDiTConfig, latent_size) -> tuple[int, int]:
-  """(h, w) latent pixels for an MMDiT: multiples of the patch size, at most pos_embed_max_size * patch_size."""
-  p, limit = config.patch_size, config.pos_embed_max_size * config.patch_size
-  if latent_size is None:
-    latent_size = (config.sample_size, config.sample_size)
-  try:
-    h, w = (int(v) for v in latent_size)
-  except (TypeError, ValueError):
-    raise ValueError(f"latent_size must be (height, width) in latent pixels, got {latent_size!r}") from None
-  if min(h, w) <= 0 or h % p or w % p:
-    raise ValueError(f"latent_size {h}x{w} must be positive multiples of the patch size {p}")
-  if max(h, w) > limit:
-    raise ValueError(f"latent_size {h}x{w} exceeds pos_embed_max_size * patch_size = {limit} latent pixels per side")
-  return h, w
 
 
 def sample(model: nnx.Module, cond, key: jax.Array | None = None, *, method: str | None = None,
@@ -287,32 +204,10 @@ def sample(model: nnx.Module, cond, key: jax.Array | None = None, *, method: str
   Returns:
     (B, H, W, C) final latents, float32.
   """
-  cfg = model.config
-  if isinstance(model, MMDiT):
-    method = method or "euler"
-    if method in VP_METHODS:
-      raise ValueError(f"an MMDiT is a flow model: method {method!r} is VP-only; use one of "
-                       f"{', '.join(m for m in FLOW_METHODS)}")
-    if flow_convention not in (None, "sd3"):
-      raise ValueError(f"an MMDiT uses the sd3 flow convention, not {flow_convention!r}")
-    flow_convention, shift = "sd3", 3.0 if shift is None else shift
-    cond, uncond = check_text_cond(cfg, cond, negative)
-    latent_shape = (cond["context"].shape[0], *check_latent_size(cfg, latent_size), cfg.in_channels)
-    slg = guidance.SkipLayerGuidance.parse(skip_layer_guidance)
-    if slg is not None and not all(0 <= i < cfg.num_layers for i in slg.layers):
-      raise ValueError(f"skip_layer_guidance layers {list(slg.layers)} outside the model's blocks "
-                       f"0..{cfg.num_layers - 1}")
-  else:
-    for name, value in (("negative", negative), ("skip_layer_guidance", skip_layer_guidance),
-                        ("latent_size", latent_size)):
-      if value is not None:
-        raise ValueError(f"{name} is for MMDiT models; a DiT takes class labels and its fixed input size")
-    if isinstance(cond, Mapping):
-      raise ValueError("a DiT is conditioned on (B,) class labels, not a text-embedding mapping")
-    method, shift, flow_convention = method or "ddpm", 1.0 if shift is None else shift, flow_convention or "sit"
-    cond, uncond, slg = np.asarray(cond), None, None
-    check_labels(cond, cfg.num_classes)
-    latent_shape = (cond.shape[0], cfg.input_size, cfg.input_size, cfg.in_channels)
+  spec = kinds.of(model).prepare_sample(model.config, cond, method=method, shift=shift,
+                                        flow_convention=flow_convention, negative=negative,
+                                        skip_layer_guidance=skip_layer_guidance, latent_size=latent_size)
+  method, latent_shape = spec.method, spec.latent_shape
   _validate(method, steps, cfg_scale, step_noise, latent_shape, respacing)
   steps = steps or DEFAULT_STEPS[method]
   if method in VP_METHODS:
@@ -333,9 +228,8 @@ def sample(model: nnx.Module, cond, key: jax.Array | None = None, *, method: str
   graphdef, state = nnx.split(model)
   interval = tuple(float(v) for v in guidance_interval) if guidance_interval is not None else None
   fn = _compiled(graphdef, _Options(method, steps, float(cfg_scale), cfg_mode, interval, respacing, float(eta),
-                                    float(shift), flow_convention, slg))
-  cond = jax.tree.map(jnp.asarray, cond) if uncond is not None else jnp.asarray(cond, jnp.int32)
-  uncond = jax.tree.map(jnp.asarray, uncond) if uncond is not None else None
+                                    float(spec.shift), spec.flow_convention, spec.slg))
+  cond, uncond = jax.tree.map(jnp.asarray, (spec.cond, spec.uncond))
   step_noise = jnp.asarray(step_noise, jnp.float32) if step_noise is not None else None
   if mesh is not None:
     batch = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(mesh.axis_names))

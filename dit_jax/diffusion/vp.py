@@ -30,6 +30,7 @@ def cosine_betas(num_timesteps: int = 1000, max_beta: float = 0.999) -> np.ndarr
 
 
 SCHEDULES = {"linear": linear_betas, "cosine": cosine_betas}
+METHODS = ("ddpm", "ddim")  # the VP sampling loops (dit_jax.diffusion.samplers)
 
 
 def space_timesteps(num_timesteps: int, spec: str | list[int]) -> list[int]:

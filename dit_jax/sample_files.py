@@ -1,4 +1,5 @@
-"""Writing samples: PNG grids and ADM-evaluator ``.npz`` files (resumable, per-batch shards), and sampling presets.
+"""Writing samples: PNG grids and ADM-evaluator ``.npz`` files (resumable, per-batch shards), and the VAE decoder
+that turns latents into images first.
 
 Images are quantised as facebookresearch/DiT's ``sample_ddp.py``: uint8(clip(127.5 x + 128, 0, 255)).
 Batch i always uses PRNG key fold_in(key(seed), i) and, without fixed labels, labels drawn from
@@ -12,12 +13,15 @@ import os
 import pathlib
 import shutil
 import zipfile
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import numpy as np
+from flax import nnx
+from PIL import Image
+from tqdm.auto import tqdm
 
-from dit_jax.diffusion.samplers import FLOW_METHODS, sample
+from dit_jax.diffusion.samplers import sample
 
 logger = logging.getLogger("dit_jax")
 
@@ -73,8 +77,6 @@ def save_npz(path: str | os.PathLike, **arrays: np.ndarray) -> None:
 
 
 def save_png(path: str | os.PathLike, grid: np.ndarray) -> None:
-  from PIL import Image
-
   path = pathlib.Path(path)
   image = Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid)
   _atomic_write(path, lambda p: image.save(p, format="PNG"))
@@ -82,8 +84,6 @@ def save_png(path: str | os.PathLike, grid: np.ndarray) -> None:
 
 def vae_decoder(vae) -> Decoder:
   """A jitted decoder from the diffusion model's (scaled) latents to images in [-1, 1]."""
-  from flax import nnx
-
   graphdef, state = nnx.split(vae)
 
   @jax.jit
@@ -125,8 +125,6 @@ def sample_to_npz(model, out: str | os.PathLike, num_samples: int, batch_size: i
   done = sum((shard_dir / f"{i:06d}.npz").exists() for i in range(num_batches))
   if done:
     logger.info("resuming: %d of %d batches already in %s", done, num_batches, shard_dir)
-  from tqdm.auto import tqdm
-
   for i in tqdm(range(num_batches), desc="sampling", unit="batch", disable=not progress):
     shard = shard_dir / f"{i:06d}.npz"
     if shard.exists():
@@ -141,59 +139,3 @@ def sample_to_npz(model, out: str | os.PathLike, num_samples: int, batch_size: i
   if not keep_shards:
     shutil.rmtree(shard_dir)  # finished shards and any temporaries an interrupted write left behind
   return out
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Sampling presets (configs/sampling/*.py)
-
-PRESET_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs" / "sampling"
-PRESET_KEYS = ("method", "steps", "shift", "cfg_scale", "skip_layer_guidance")
-
-
-def make_preset(flavours: dict[str, dict[str, Any]], flavour: str | None):
-  """A preset file's ``get_config(flavour)``: the named flavour (default: the first) as a ConfigDict."""
-  import ml_collections
-
-  flavour = flavour or next(iter(flavours))
-  if flavour not in flavours:
-    raise ValueError(f"unknown preset flavour {flavour!r}; choose one of {', '.join(flavours)}")
-  return ml_collections.ConfigDict({"flavour": flavour, **flavours[flavour]})
-
-
-def preset_names() -> list[str]:
-  return sorted(p.stem for p in PRESET_DIR.glob("*.py") if not p.name.startswith("_"))
-
-
-def load_preset(name_or_path: str, flavour: str | None = None):
-  """Load a sampling preset: a name in configs/sampling/ ('sd35_medium') or a .py path with ``get_config``;
-  'NAME:FLAVOUR' (or ``flavour``) picks a flavour, e.g. 'sd35_medium:diffusers'. Returns a validated ConfigDict
-  with method, steps, shift, cfg_scale, skip_layer_guidance (None or layers / scale / start / stop), flavour."""
-  import importlib.util
-
-  from dit_jax.diffusion.guidance import SkipLayerGuidance
-
-  text, _, suffix = str(name_or_path).partition(":")
-  flavour = flavour or suffix or None
-  path = pathlib.Path(text)
-  if path.suffix != ".py":
-    path = PRESET_DIR / f"{text}.py"
-    if not path.is_file():
-      raise ValueError(f"unknown sampling preset {text!r}; choose one of {', '.join(preset_names())} or a .py path")
-  elif not path.is_file():
-    raise FileNotFoundError(f"sampling preset {path} not found")
-  spec = importlib.util.spec_from_file_location(f"_dit_jax_preset_{path.stem}", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  if not hasattr(module, "get_config"):
-    raise ValueError(f"sampling preset {path} has no get_config()")
-  config = module.get_config(flavour) if flavour else module.get_config()
-  missing = [k for k in PRESET_KEYS if k not in config]
-  unknown = sorted(set(config.keys()) - set(PRESET_KEYS) - {"flavour"})
-  if missing or unknown:
-    raise ValueError(f"sampling preset {path.name}: missing {missing or 'nothing'}, unknown keys {unknown or 'none'}")
-  if config.method not in FLOW_METHODS or not isinstance(config.steps, int) or config.steps <= 0 \
-      or config.shift <= 0 or config.cfg_scale < 0:
-    raise ValueError(f"sampling preset {path.name}: invalid method / steps / shift / cfg_scale "
-                     f"({config.method}, {config.steps}, {config.shift}, {config.cfg_scale})")
-  SkipLayerGuidance.parse(config.skip_layer_guidance)
-  return config

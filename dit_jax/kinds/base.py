@@ -1,0 +1,104 @@
+"""What dit_jax knows about one model kind: its module and config, how the trainer and the sampler call it, its
+FLOPs, its converter tables. A kind is a :class:`Kind` instance in :data:`dit_jax.kinds.KINDS`; the trainer,
+the sampler, ``dit_jax.load``, ``sample.py`` and the converter ask it instead of branching on the kind.
+"""
+from __future__ import annotations
+
+import dataclasses
+from types import ModuleType
+from typing import Any, Callable, ClassVar
+
+import jax
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from dit_jax.diffusion import guidance
+
+NetFn = Callable[[jax.Array, jax.Array], jax.Array]  # (x (B, H, W, C), model time (B,)) -> (B, H, W, C_out)
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleSpec:
+  """A checked sampling request: host arrays for both CFG branches and the resolved defaults."""
+
+  cond: Any  # (B,) int32 labels or a mapping of float32 arrays
+  uncond: Any  # the unconditional branch, same structure and batch as cond
+  latent_shape: tuple[int, int, int, int]  # (B, H, W, C)
+  method: str
+  shift: float
+  flow_convention: str
+  slg: guidance.SkipLayerGuidance | None = None
+
+
+class Kind:
+  """One model kind. Subclasses set the class attributes and override what the kind supports; the defaults
+  say in one line that the kind cannot do it."""
+
+  name: ClassVar[str]
+  module: ClassVar[type[nnx.Module]]  # module(config, *, rngs, dtype, param_dtype, attention_impl, ...)
+  config: ClassVar[type]  # a JsonConfig dataclass: to_dict() / from_dict()
+  tables: ClassVar[ModuleType | None] = None  # dit_jax.convert.<family>_tables (LAYOUTS, detect_layout, ...)
+  conditioning: ClassVar[str | None] = None  # what sampling takes: "labels" | "text" | None (not sampled)
+  batch_ndims: ClassVar[dict[str, int]] = {}  # training batch key -> ndim ({} = not trained)
+  train_section: ClassVar[str | None] = None  # a training-config section of its own (e.g. "mmdit"), if any
+
+  def build(self, config, *, rngs: nnx.Rngs, dtype, param_dtype, attention_impl: str = "auto",
+            remat: str = "none", scan_layers: bool = False) -> nnx.Module:
+    """The module for ``config`` (remat / scan_layers: training-time options of trainable kinds)."""
+    return self.module(config, rngs=rngs, dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl,
+                       remat=remat, scan_layers=scan_layers)
+
+  def describe(self, config) -> str:
+    """One line for the converter's summary."""
+    return f"{self.name} {config}"
+
+  def _cannot(self, what: str):
+    raise ValueError(f"model kind {self.name!r} cannot {what}")
+
+  # Training ----------------------------------------------------------------------------------------------------
+
+  def train_defaults(self) -> ml_collections.ConfigDict | None:
+    """The defaults of :attr:`train_section` (added to the training-config schema)."""
+    return None
+
+  def model_config(self, config: ml_collections.ConfigDict):
+    """The model config a training config describes."""
+    self._cannot("be trained")
+
+  def train_checks(self, config: ml_collections.ConfigDict) -> list[tuple[bool, str]]:
+    """(ok, message) pairs for a training config of this kind (beyond the model config's own checks)."""
+    return []
+
+  def network(self, config: ml_collections.ConfigDict, model: nnx.Module, batch: dict[str, jax.Array],
+              dropout_key: jax.Array) -> NetFn:
+    """How the training loss calls the model on one batch (conditioning dropout drawn from ``dropout_key``)."""
+    self._cannot("be trained")
+
+  def flops(self, config, batch: dict[str, np.ndarray]) -> float:
+    """Forward FLOPs per example of this batch's shapes."""
+    self._cannot("report FLOPs")
+
+  def loader_kwargs(self, config: ml_collections.ConfigDict) -> dict[str, int]:
+    """Extra keyword arguments for ``dit_jax.data.make_loader``."""
+    return {}
+
+  def conditioning_meta(self, config: ml_collections.ConfigDict, loader=None) -> dict | None:
+    """How a training run is conditioned, recorded in the workdir's metadata (None: nothing to record)."""
+    return None
+
+  def grid_cond(self, config: ml_collections.ConfigDict, model: nnx.Module, num: int):
+    """What the training loop's sample grid is conditioned on."""
+    self._cannot("be sampled")
+
+  # Sampling ----------------------------------------------------------------------------------------------------
+
+  def prepare_sample(self, model_config, cond, *, method: str | None, shift: float | None,
+                     flow_convention: str | None, negative=None, skip_layer_guidance=None,
+                     latent_size=None) -> SampleSpec:
+    """Check a ``dit_jax.sample`` request against the model and fill in the kind's defaults."""
+    self._cannot("be sampled")
+
+  def sample_network(self, model: nnx.Module, skip_layers: tuple[int, ...] = ()):
+    """``f(x, t, cond)`` for the sampler (``skip_layers``: blocks left out, for skip-layer guidance)."""
+    self._cannot("be sampled")

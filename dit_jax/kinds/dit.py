@@ -1,0 +1,81 @@
+"""The class-conditional DiT: trained on {"image", "label"} batches, sampled from (B,) class ids."""
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import jax.numpy as jnp
+import numpy as np
+
+from dit_jax.kinds.base import Kind, SampleSpec
+from dit_jax.models.dit import DiT, DiTConfig, dit_config, flops_per_image
+
+
+def check_labels(labels: np.ndarray, num_classes: int) -> None:
+  """One-line ValueErrors for labels that are not (B,) integers in 0..num_classes (the null class)."""
+  if labels.ndim != 1:
+    raise ValueError(f"class labels must be a 1-D array, got shape {labels.shape}")
+  if not np.issubdtype(labels.dtype, np.integer):
+    raise ValueError(f"class labels must be integers, got {labels.dtype}")
+  bad = labels[(labels < 0) | (labels > num_classes)]
+  if bad.size:
+    raise ValueError(f"class id {int(bad[0])} is out of range 0..{num_classes - 1} (null class {num_classes})")
+
+
+class DiTKind(Kind):
+  name = "dit"
+  module = DiT
+  config = DiTConfig
+  conditioning = "labels"
+  batch_ndims = {"image": 4, "label": 1}
+
+  def describe(self, cfg: DiTConfig) -> str:
+    return (f"DiT depth={cfg.depth} hidden={cfg.hidden_size} heads={cfg.num_heads} patch={cfg.patch_size} "
+            f"input={cfg.input_size} classes={cfg.num_classes} learn_sigma={cfg.learn_sigma}")
+
+  def model_config(self, config) -> DiTConfig:
+    """A named config ('DiT-XL/2') with overrides, or every field of ``config.model`` (name '')."""
+    m = config.model
+    fields = dict(input_size=m.input_size, in_channels=m.in_channels, num_classes=m.num_classes,
+                  learn_sigma=m.learn_sigma, class_dropout_prob=m.class_dropout_prob, mlp_ratio=m.mlp_ratio)
+    sizes = {k: m[k] for k in ("hidden_size", "depth", "num_heads", "patch_size") if m[k]}
+    if m.name:
+      return dit_config(m.name, **fields, **sizes)
+    return DiTConfig(**fields, **sizes)
+
+  def train_checks(self, config) -> list[tuple[bool, str]]:
+    return [
+        (config.objective != "vp" or config.model.learn_sigma, "the vp hybrid loss needs model.learn_sigma=True"),
+        (config.data.conditioning == "label", "model.kind 'dit' is conditioned on labels (data.conditioning 'label')"),
+    ]
+
+  def network(self, config, model: DiT, batch, dropout_key):
+    """Label dropout to the null class with ``class_dropout_prob``, inside the model."""
+    return lambda x, t: model(x, t, batch["label"], dropout_key=dropout_key).astype(jnp.float32)
+
+  def flops(self, cfg: DiTConfig, batch) -> float:
+    return flops_per_image(cfg)
+
+  def grid_cond(self, config, model: DiT, num: int) -> np.ndarray:
+    """Labels 0, 1, ... cycled over the classes."""
+    return np.arange(num) % model.config.num_classes
+
+  def prepare_sample(self, cfg: DiTConfig, cond, *, method, shift, flow_convention, negative=None,
+                     skip_layer_guidance=None, latent_size=None) -> SampleSpec:
+    """Labels (B,) with the null class as the unconditional branch; VP ('ddpm') by default, or a flow method in
+    SiT's convention (shift 1)."""
+    for name, value in (("negative", negative), ("skip_layer_guidance", skip_layer_guidance),
+                        ("latent_size", latent_size)):
+      if value is not None:
+        raise ValueError(f"{name} is for MMDiT models; a DiT takes class labels and its fixed input size")
+    if isinstance(cond, Mapping):
+      raise ValueError("a DiT is conditioned on (B,) class labels, not a text-embedding mapping")
+    labels = np.asarray(cond)
+    check_labels(labels, cfg.num_classes)
+    labels = labels.astype(np.int32)
+    return SampleSpec(cond=labels, uncond=np.full_like(labels, cfg.num_classes),
+                      latent_shape=(labels.shape[0], cfg.input_size, cfg.input_size, cfg.in_channels),
+                      method=method or "ddpm", shift=1.0 if shift is None else shift,
+                      flow_convention=flow_convention or "sit")
+
+  def sample_network(self, model: DiT, skip_layers: tuple[int, ...] = ()):
+    return lambda x, t, y: model(x, t, y)

@@ -1,0 +1,166 @@
+"""The train step: model and optimizer from a training config, the loss (the kind's network through the
+configured objective), and :class:`Trainer`, whose jitted step runs on a mesh with explicit shardings.
+
+The step is ``jax.jit`` over ``nnx.split`` state with shardings derived from the parameters' logical axis names
+(:mod:`dit_jax.parallel`) and the state donated. Randomness of step s is ``fold_in(key(seed), s)``; micro-batch i
+of an accumulated step uses ``fold_in(key, i)``. Non-finite updates are skipped and counted.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+
+from dit_jax import kinds, parallel
+from dit_jax.diffusion.objectives import OBJECTIVES
+from dit_jax.train_config import validate
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array  # int32 ()
+  params: nnx.State
+  opt_state: Any
+  ema: nnx.State
+  nonfinite_run: jax.Array  # consecutive skipped updates
+  nonfinite_total: jax.Array
+
+
+def model_config(config: ml_collections.ConfigDict):
+  """The model config (DiTConfig, MMDiTConfig, ...) a training config describes."""
+  return kinds.get(config.model.kind).model_config(config)
+
+
+def build_model(config: ml_collections.ConfigDict, rngs: nnx.Rngs) -> nnx.Module:
+  dtype = jnp.bfloat16 if config.compute_dtype == "bfloat16" else jnp.float32
+  return kinds.get(config.model.kind).build(model_config(config), rngs=rngs, dtype=dtype, param_dtype=jnp.float32,
+                                            attention_impl=config.attention_impl, remat=config.remat,
+                                            scan_layers=config.scan_layers)
+
+
+def learning_rate(config: ml_collections.ConfigDict) -> optax.Schedule:
+  o = config.optimizer
+  if o.schedule == "cosine":
+    warmup = max(o.warmup_steps, 1)
+    return optax.warmup_cosine_decay_schedule(0.0, o.lr, warmup, max(config.total_steps, warmup + 1), o.min_lr)
+  if o.warmup_steps:
+    return optax.join_schedules([optax.linear_schedule(0.0, o.lr, o.warmup_steps), optax.constant_schedule(o.lr)],
+                                [o.warmup_steps])
+  return optax.constant_schedule(o.lr)
+
+
+def optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  o = config.optimizer
+  adamw = optax.adamw(learning_rate(config), b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay)
+  return optax.chain(optax.clip_by_global_norm(o.grad_clip), adamw) if o.grad_clip > 0 else adamw
+
+
+def loss_fn(config: ml_collections.ConfigDict, model: nnx.Module, batch: dict[str, jax.Array],
+            key: jax.Array) -> jax.Array:
+  """Mean training loss of one batch: ``config.objective`` applied to the kind's network."""
+  x0 = batch["image"]
+  k_t, k_noise, k_drop = jax.random.split(key, 3)
+  noise = jax.random.normal(k_noise, x0.shape, jnp.float32)
+  net = kinds.get(config.model.kind).network(config, model, batch, k_drop)
+  return OBJECTIVES[config.objective](config, net, x0, noise, k_t)
+
+
+class Trainer:
+  """Holds the mesh, the abstract model and the compiled init / step functions for one config."""
+
+  def __init__(self, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
+    validate(config)
+    self.config = config
+    self.mesh = mesh
+    self.tx = optimizer(config)
+    abstract = nnx.eval_shape(lambda: build_model(config, nnx.Rngs(0)))
+    self.graphdef, abstract_params, abstract_rest = nnx.split(abstract, nnx.Param, ...)
+    param_sh = parallel.shardings(abstract_params, mesh)
+    self.rest_shardings = parallel.shardings(abstract_rest, mesh)
+    opt_abstract = jax.eval_shape(self.tx.init, abstract_params)
+    opt_sh = optax.tree_map_params(self.tx, lambda _, s: s, opt_abstract, param_sh,
+                                   transform_non_params=lambda _: parallel.replicated(mesh),
+                                   is_leaf=lambda x: isinstance(x, nnx.Variable))
+    scalar = parallel.replicated(mesh)
+    self.state_shardings = TrainState(step=scalar, params=param_sh, opt_state=opt_sh, ema=param_sh,
+                                      nonfinite_run=scalar, nonfinite_total=scalar)
+    self.model_config = abstract.config
+    self.global_batch = config.global_batch_size
+    self._init = jax.jit(self._init_fn, out_shardings=(self.state_shardings, self.rest_shardings))
+    self.batch_ndims = kinds.get(config.model.kind).batch_ndims
+    batch_sh = {k: parallel.batch_sharding(mesh, ndim=n) for k, n in self.batch_ndims.items()}
+    self._step = jax.jit(self._step_fn, in_shardings=(self.state_shardings, self.rest_shardings, batch_sh),
+                         out_shardings=(self.state_shardings, scalar), donate_argnums=(0,))
+
+  def _init_fn(self, key: jax.Array):
+    model = build_model(self.config, nnx.Rngs(key))
+    _, params, rest = nnx.split(model, nnx.Param, ...)
+    zero = jnp.zeros((), jnp.int32)
+    state = TrainState(step=zero, params=params, opt_state=self.tx.init(params), ema=jax.tree.map(jnp.copy, params),
+                       nonfinite_run=zero, nonfinite_total=zero)
+    return state, rest
+
+  def init(self) -> tuple[TrainState, nnx.State]:
+    return self._init(jax.random.key(self.config.seed))
+
+  def abstract_state(self) -> tuple[TrainState, nnx.State]:
+    """Shapes, dtypes and target shardings of (state, rest), for restoring onto this mesh."""
+    shapes = jax.eval_shape(self._init_fn, jax.random.key(0))
+    with_sharding = lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh)
+    return (jax.tree.map(with_sharding, shapes[0], self.state_shardings),
+            jax.tree.map(with_sharding, shapes[1], self.rest_shardings))
+
+  def _step_fn(self, state: TrainState, rest: nnx.State, batch: dict[str, jax.Array]):
+    config = self.config
+    key = jax.random.fold_in(jax.random.key(config.seed), state.step)
+
+    def loss_of(params, micro, k):
+      return loss_fn(config, nnx.merge(self.graphdef, params, rest), micro, k)
+
+    accum = config.grad_accum_steps
+    if accum == 1:
+      loss, grads = jax.value_and_grad(loss_of)(state.params, batch, key)
+    else:
+      micro = jax.tree.map(lambda a: a.reshape(accum, a.shape[0] // accum, *a.shape[1:]), batch)
+
+      def add(carry, inputs):
+        i, mb = inputs
+        l, g = jax.value_and_grad(loss_of)(state.params, mb, jax.random.fold_in(key, i))
+        return jax.tree.map(jnp.add, carry, (l, g)), None
+
+      zeros = (jnp.zeros(()), jax.tree.map(jnp.zeros_like, state.params))
+      (loss, grads), _ = jax.lax.scan(add, zeros, (jnp.arange(accum), micro))
+      loss, grads = loss / accum, jax.tree.map(lambda g: g / accum, grads)
+    grad_norm = optax.global_norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    d = config.ema_decay
+    ema = jax.tree.map(lambda e, p: d * e + (1 - d) * p, state.ema, params)
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    new_state = TrainState(
+        step=state.step + 1, params=keep(params, state.params), opt_state=keep(opt_state, state.opt_state),
+        ema=keep(ema, state.ema), nonfinite_run=jnp.where(finite, 0, state.nonfinite_run + 1),
+        nonfinite_total=state.nonfinite_total + (~finite).astype(jnp.int32))
+    lr = learning_rate(config)(state.step)
+    metrics = {"loss": loss, "grad_norm": grad_norm, "lr": lr, "finite": finite.astype(jnp.float32),
+               "nonfinite_run": new_state.nonfinite_run, "nonfinite_total": new_state.nonfinite_total}
+    return new_state, metrics
+
+  def step(self, state: TrainState, rest: nnx.State, batch: dict[str, np.ndarray]):
+    """One update from a host-local batch; keys the model does not read (e.g. "label" for MMDiT) are ignored."""
+    missing = [k for k in self.batch_ndims if k not in batch]
+    if missing:
+      raise ValueError(f"the batch has no {', '.join(map(repr, missing))} (a {self.config.model.kind} trains on "
+                       f"{', '.join(self.batch_ndims)})")
+    local = {k: batch[k] for k in self.batch_ndims}
+    return self._step(state, rest, parallel.global_batch(local, self.mesh))
+
+  def ema_model(self, state: TrainState, rest: nnx.State) -> nnx.Module:
+    return nnx.merge(self.graphdef, state.ema, rest)
