@@ -160,24 +160,29 @@ class Checkpoints:
     return self.manager.latest_step()
 
   def save(self, step: int, state, rest: nnx.State, extra: dict) -> None:
-    """Save a ``trainer.TrainState`` (async)."""
+    """Save a ``trainer.TrainState`` (async); an empty ``rest`` (a model without frozen tables) is not stored."""
     a = self.args
-    self.manager.save(step, args=a.Composite(train=a.StandardSave(state.replace(ema=None)),
-                                             ema=a.StandardSave(state.ema), rest=a.StandardSave(rest),
-                                             extra=a.JsonSave(extra)), force=True)
+    items = dict(train=a.StandardSave(state.replace(ema=None)), ema=a.StandardSave(state.ema),
+                 extra=a.JsonSave(extra))
+    if jax.tree.leaves(rest):
+      items["rest"] = a.StandardSave(rest)
+    self.manager.save(step, args=a.Composite(**items), force=True)
 
   def restore(self, step: int, abstract_state, abstract_rest):
     a = self.args
-    out = self.manager.restore(step, args=a.Composite(
-        train=a.StandardRestore(abstract_state.replace(ema=None)), ema=a.StandardRestore(abstract_state.ema),
-        rest=a.StandardRestore(abstract_rest), extra=a.JsonRestore()))
-    return out["train"].replace(ema=out["ema"]), out["rest"], out["extra"]
+    items = dict(train=a.StandardRestore(abstract_state.replace(ema=None)), ema=a.StandardRestore(abstract_state.ema),
+                 extra=a.JsonRestore())
+    out = self.manager.restore(step, args=a.Composite(**items, **self._rest(abstract_rest)))
+    return out["train"].replace(ema=out["ema"]), out.get("rest", abstract_rest), out["extra"]
 
   def restore_ema(self, step: int, abstract_params, abstract_rest):
     a = self.args
     out = self.manager.restore(step, args=a.Composite(ema=a.StandardRestore(abstract_params),
-                                                      rest=a.StandardRestore(abstract_rest)))
-    return out["ema"], out["rest"]
+                                                      **self._rest(abstract_rest)))
+    return out["ema"], out.get("rest", abstract_rest)
+
+  def _rest(self, abstract_rest) -> dict:
+    return {"rest": self.args.StandardRestore(abstract_rest)} if jax.tree.leaves(abstract_rest) else {}
 
   def wait(self) -> None:
     self.manager.wait_until_finished()
