@@ -45,12 +45,13 @@ def evaluate(checkpoint: str, per_class: int = 50, seed: int = 0, **sample_kwarg
   import jax
 
   import dit_jax
+  from dit_jax import kinds
   from dit_jax.checkpoint import read_meta
 
   model = dit_jax.load(checkpoint)
   cfg = model.config
   labels = np.repeat(np.arange(10), per_class)
-  if isinstance(model, dit_jax.MMDiT):
+  if kinds.of(model).conditioning == "text":  # class tokens as context / pooled
     from dit_jax.workdir import class_tokens_of
 
     tokens = class_tokens_of(checkpoint)
