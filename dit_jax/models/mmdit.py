@@ -155,21 +155,21 @@ class JointBlock(nnx.Module):
     """x (B, N, D) image tokens, context (B, L, D), c (B, D) -> (x, context); the context is returned unchanged
     by the last (pre-only) block, whose context output is never used."""
     xb, cb = self.x_block, self.context_block
-    x_mods = xb.modulation(c)
+    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp, *attn2_mods = xb.modulation(c)
     c_mods = cb.modulation(c)
     x_norm = layer_norm(x, NORM_EPS)
-    xq, xk, xv = xb.attn.qkv_heads(modulate(x_norm, x_mods[0], x_mods[1]))
+    xq, xk, xv = xb.attn.qkv_heads(modulate(x_norm, shift_msa, scale_msa))
     cq, ck, cv = cb.attn.qkv_heads(modulate(layer_norm(context, NORM_EPS), c_mods[0], c_mods[1]))
     n = x.shape[1]
     # diffusers' JointAttnProcessor2_0 order: [image, context]
     out = self._attend(jnp.concatenate([xq, cq], 1), jnp.concatenate([xk, ck], 1), jnp.concatenate([xv, cv], 1))
     x_attn, c_attn = out[:, :n], out[:, n:]
 
-    shift_mlp, scale_mlp, gate_msa, gate_mlp = x_mods[3], x_mods[4], x_mods[2], x_mods[5]
     x = x + gate_msa[:, None] * xb.attn.proj(x_attn)
     if xb.dual:
-      q2, k2, v2 = xb.attn2.qkv_heads(modulate(x_norm, x_mods[6], x_mods[7]))
-      x = x + x_mods[8][:, None] * xb.attn2.proj(self._attend(q2, k2, v2))
+      shift_msa2, scale_msa2, gate_msa2 = attn2_mods
+      q2, k2, v2 = xb.attn2.qkv_heads(modulate(x_norm, shift_msa2, scale_msa2))
+      x = x + gate_msa2[:, None] * xb.attn2.proj(self._attend(q2, k2, v2))
     x = x + gate_mlp[:, None] * xb.mlp(modulate(layer_norm(x, NORM_EPS), shift_mlp, scale_mlp))
 
     if not cb.pre_only:
