@@ -24,7 +24,8 @@ import sys
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from dit_jax.checkpoint import BUNDLED_VAE, CheckpointError, read_meta  # noqa: E402
-from dit_jax.convert import ConversionError, convert, export  # noqa: E402
+from dit_jax.convert import ConversionError  # noqa: E402
+from dit_jax.convert.files import convert, export  # noqa: E402
 from dit_jax.models.mmdit import MMDiTConfig  # noqa: E402
 from dit_jax.models.vae import VAEConfig  # noqa: E402
 
