@@ -12,7 +12,7 @@ import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from dit_jax.convert import convert_state_dict  # noqa: E402
+from dit_jax.convert import dit_tables  # noqa: E402
 from dit_jax.convert.readers import to_numpy  # noqa: E402
 from dit_jax.models.dit import DiTConfig, dit_config, flops_per_image  # noqa: E402
 
@@ -56,7 +56,7 @@ def build_pair(name: str, learn_sigma: bool = True):
     if ".norm1.emb." in k:
       tensors[k] = tensors[first + k.split(".norm1.emb.", 1)[1]]
   ref.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in tensors.items()})
-  return cfg, ref, convert_state_dict(tensors, cfg, "diffusers")
+  return cfg, ref, dit_tables.to_model(tensors, cfg, "diffusers")
 
 
 def start_run() -> float:

@@ -24,7 +24,7 @@ from common import median_seconds, start_run
 def build_pair(depth: int, heads: int):
   from diffusers import SD3Transformer2DModel
 
-  from dit_jax.convert.mmdit_tables import convert_mmdit_state_dict, infer_mmdit_config
+  from dit_jax.convert import mmdit_tables
   from dit_jax.convert.readers import to_numpy
 
   ref = SD3Transformer2DModel(sample_size=32, patch_size=2, in_channels=16, num_layers=depth, attention_head_dim=64,
@@ -32,8 +32,8 @@ def build_pair(depth: int, heads: int):
                               pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=96, qk_norm="rms_norm",
                               dual_attention_layers=tuple(range(depth // 2))).eval()
   tensors = {k: to_numpy(v) for k, v in ref.state_dict().items()}
-  cfg = infer_mmdit_config(tensors, dict(ref.config))
-  return cfg, ref, convert_mmdit_state_dict(tensors, cfg)
+  cfg = mmdit_tables.infer_config(tensors, "diffusers", dict(ref.config))
+  return cfg, ref, mmdit_tables.to_model(tensors, cfg, "diffusers")
 
 
 def bench(depth: int, heads: int, batch: int, context_len: int, iters: int, peak: float) -> dict:

@@ -37,8 +37,8 @@ def main() -> None:
   ref = AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
                       down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4).eval()
   tensors = {k: to_numpy(v) for k, v in ref.state_dict().items()}
-  cfg = vae_tables.infer_vae_config(tensors, "diffusers", dict(ref.config))
-  ours = vae_tables.convert_vae_state_dict(tensors, cfg, "diffusers")
+  cfg = vae_tables.infer_config(tensors, "diffusers", dict(ref.config))
+  ours = vae_tables.to_model(tensors, cfg, "diffusers")
   z = np.random.default_rng(0).standard_normal((args.batch, args.latent, args.latent, 4)).astype(np.float32)
 
   graphdef, state = nnx.split(ours)

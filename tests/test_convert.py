@@ -13,7 +13,8 @@ from safetensors.torch import load_file, save_file
 
 import dit_jax
 from dit_jax.checkpoint import CheckpointError
-from dit_jax.convert import ConversionError, convert, export
+from dit_jax.convert import ConversionError
+from dit_jax.convert.files import convert, export
 from tests.conftest import as_original_convention_, diffusers_dit, original_state_dict
 
 REPO = __import__("pathlib").Path(__file__).resolve().parents[1]

@@ -8,11 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from dit_jax.convert.mmdit_tables import (
-  convert_mmdit_state_dict,
-  export_mmdit_state_dict,
-  infer_mmdit_config,
-)
+from dit_jax.convert import mmdit_tables
 from dit_jax.convert.readers import ConversionError, read_source
 from dit_jax.models.mmdit import MMDiT, MMDiTConfig, crop_pos_embed, pos_embed_table
 from tests.conftest import randomize_, rel_err
@@ -68,8 +64,9 @@ def converted(tmp_path_factory):
     folder = tmp_path_factory.mktemp(name.replace(".", "_"))
     model.save_pretrained(folder)
     source = read_source(folder)
-    cfg = infer_mmdit_config(source.tensors, source.diffusers_config)
-    out[name] = (model, source.tensors, convert_mmdit_state_dict(source.tensors, cfg))
+    layout = mmdit_tables.detect_layout(source.tensors)
+    cfg = mmdit_tables.infer_config(source.tensors, layout, source.diffusers_config)
+    out[name] = (model, source.tensors, mmdit_tables.to_model(source.tensors, cfg, layout))
   return out
 
 
@@ -93,7 +90,7 @@ def test_forward_parity(converted, variant, shape):
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_export_is_exact_inverse(converted, variant):
   _, tensors, ours = converted[variant]
-  back = export_mmdit_state_dict(ours)
+  back = mmdit_tables.from_model(ours, "diffusers")
   assert set(back) == set(tensors)
   for key, value in tensors.items():
     assert back[key].shape == value.shape and np.array_equal(back[key], value), key
@@ -110,7 +107,7 @@ def test_skip_layers_matches_diffusers(converted):
 
 def _one_line_error(tensors, cfg) -> str:
   with pytest.raises(ConversionError) as info:
-    convert_mmdit_state_dict(tensors, cfg)
+    mmdit_tables.to_model(tensors, cfg, "diffusers")
   message = str(info.value)
   assert "\n" not in message
   return message
@@ -134,10 +131,10 @@ def test_strict_conversion(converted):
 def test_infer_config_errors(converted):
   _, tensors, _ = converted["sd3-medium"]
   with pytest.raises(ConversionError, match="missing key pos_embed.pos_embed"):
-    infer_mmdit_config({k: v for k, v in tensors.items() if k != "pos_embed.pos_embed"})
+    mmdit_tables.infer_config({k: v for k, v in tensors.items() if k != "pos_embed.pos_embed"}, "diffusers")
   gap = {k: v for k, v in tensors.items() if not k.startswith("transformer_blocks.1.")}
   with pytest.raises(ConversionError, match=r"missing keys for transformer_blocks\.1"):
-    infer_mmdit_config(gap)
+    mmdit_tables.infer_config(gap, "diffusers")
 
 
 def test_initial_table_and_crop():
@@ -214,12 +211,12 @@ def test_stability_layout(converted, variant):
   model, tensors, ours = converted[variant]
   stab = stability_state_dict(tensors, ours.config.num_layers)
   stab["first_stage_model.decoder.conv_in.weight"] = np.zeros((1,), np.float32)  # other parts of a single file
-  cfg = infer_mmdit_config(stab, None, sample_size=TINY["sample_size"], num_attention_heads=2)
+  cfg = mmdit_tables.infer_config(stab, "stability", None, sample_size=TINY["sample_size"], num_attention_heads=2)
   assert cfg == ours.config
-  model_s = convert_mmdit_state_dict(stab, cfg)
+  model_s = mmdit_tables.to_model(stab, cfg, "stability")
   x, t, context, pooled = sd3_inputs(12, 20)
   assert rel_err(model_s(x, t, context, pooled), torch_forward(model, x, t, context, pooled)) <= 1e-5
-  back = export_mmdit_state_dict(model_s, "stability")
+  back = mmdit_tables.from_model(model_s, "stability")
   assert all(np.array_equal(back[k[len("model.diffusion_model."):]], v) for k, v in stab.items()
              if k.startswith("model."))
   assert len(back) == len(stab) - 1
@@ -229,7 +226,7 @@ def test_stability_head_split_needs_a_hint(converted):
   _, tensors, ours = converted["sd3-medium"]
   stab = stability_state_dict(tensors, ours.config.num_layers)
   with pytest.raises(ConversionError, match="cannot split hidden size 32 into heads of width 10"):
-    infer_mmdit_config(stab)  # Stability's rule heads = depth = 3 does not divide 32
+    mmdit_tables.infer_config(stab, "stability")  # Stability's rule heads = depth = 3 does not divide 32
 
 
 

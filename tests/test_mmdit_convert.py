@@ -14,7 +14,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import dit_jax
-from dit_jax.convert import ConversionError, convert, export
+from dit_jax.convert import ConversionError
+from dit_jax.convert.files import convert, export
 from tests.conftest import randomize_, rel_err
 from tests.test_mmdit import diffusers_sd3, stability_state_dict, torch_forward
 from tests.test_vae import _ldm_state_dict

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from dit_jax.convert.mmdit_tables import convert_mmdit_state_dict, infer_mmdit_config
+from dit_jax.convert import mmdit_tables
 from dit_jax.convert.readers import read_source
 from dit_jax.diffusion.guidance import SkipLayerGuidance
 from dit_jax.diffusion.samplers import sample
@@ -26,8 +26,8 @@ def models(tmp_path_factory):
     folder = tmp_path_factory.mktemp(name.replace(".", "_"))
     ref.save_pretrained(folder)
     source = read_source(folder)
-    out[name] = ref, convert_mmdit_state_dict(source.tensors, infer_mmdit_config(source.tensors,
-                                                                                   source.diffusers_config))
+    cfg = mmdit_tables.infer_config(source.tensors, "diffusers", source.diffusers_config)
+    out[name] = ref, mmdit_tables.to_model(source.tensors, cfg, "diffusers")
   return out
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import dit_jax
-from dit_jax.convert import convert
+from dit_jax.convert.files import convert
 from tests.conftest import (as_original_convention_, diffusers_dit, inputs, original_state_dict, rel_err,
                             torch_forward)
 

@@ -11,7 +11,7 @@ from PIL import Image
 
 import dit_jax
 from dit_jax import sample_files
-from dit_jax.convert import convert
+from dit_jax.convert.files import convert
 from tests.conftest import diffusers_dit
 
 REPO = pathlib.Path(__file__).resolve().parents[1]

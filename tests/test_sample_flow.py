@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import dit_jax
-from dit_jax.convert import convert
+from dit_jax.convert.files import convert
 from dit_jax.diffusion.samplers import flow_schedule, sample
 from tests.conftest import diffusers_dit, rel_err
 

@@ -8,9 +8,8 @@ import pytest
 import torch
 from flax import nnx
 
+from dit_jax.convert import vae_tables
 from dit_jax.convert.readers import ConversionError, read_source
-from dit_jax.convert.vae_tables import (VAE_TABLES, convert_vae_state_dict, detect_vae_layout, export_vae_state_dict,
-                                        infer_vae_config, select_vae_tensors)
 from dit_jax.models.vae import PRESETS, AutoencoderKL, DiagonalGaussian, VAEConfig
 from tests.conftest import randomize_, rel_err
 
@@ -41,11 +40,11 @@ def pair(request, tmp_path_factory):
   folder = tmp_path_factory.mktemp(request.param) / "vae"
   ref.save_pretrained(folder)
   source = read_source(folder)
-  layout = detect_vae_layout(source.tensors)
+  layout = vae_tables.detect_layout(source.tensors)
   assert layout == "diffusers"
-  cfg = infer_vae_config(source.tensors, layout, source.diffusers_config)
+  cfg = vae_tables.infer_config(source.tensors, layout, source.diffusers_config)
   assert cfg == VAEConfig(**SMALL, **VARIANTS[request.param])
-  return ref, convert_vae_state_dict(source.tensors, cfg, layout), source.tensors
+  return ref, vae_tables.to_model(source.tensors, cfg, layout), source.tensors
 
 
 def _images(h: int, w: int, seed: int = 0) -> np.ndarray:
@@ -100,14 +99,14 @@ def test_ldm_layout_matches_diffusers_mapping(pair):
   assert sorted(back) == sorted(tensors)
   assert all(np.array_equal(back[k].numpy(), tensors[k]) for k in tensors)
   full = {f"first_stage_model.{k}": v for k, v in ldm.items()} | {"model.diffusion_model.x.weight": np.zeros(1)}
-  sub = select_vae_tensors(full)
-  assert detect_vae_layout(sub) == "ldm"
-  cfg = infer_vae_config(sub, "ldm", scaling_factor=vae.config.scaling_factor, shift_factor=vae.config.shift_factor,
-                         norm_num_groups=SMALL["norm_num_groups"])
+  sub = vae_tables.select_vae_tensors(full)
+  assert vae_tables.detect_layout(sub) == "ldm"
+  cfg = vae_tables.infer_config(sub, "ldm", scaling_factor=vae.config.scaling_factor,
+                                shift_factor=vae.config.shift_factor, norm_num_groups=SMALL["norm_num_groups"])
   assert cfg == vae.config
-  ours = export_vae_state_dict(convert_vae_state_dict(sub, cfg, "ldm"), "diffusers")
+  ours = vae_tables.from_model(vae_tables.to_model(sub, cfg, "ldm"), "diffusers")
   assert sorted(ours) == sorted(tensors) and all(np.array_equal(ours[k], tensors[k]) for k in tensors)
-  assert all(np.array_equal(a, sub[k]) for k, a in export_vae_state_dict(vae, "ldm").items())
+  assert all(np.array_equal(a, sub[k]) for k, a in vae_tables.from_model(vae, "ldm").items())
 
 
 def _ldm_state_dict(tensors: dict, n: int) -> dict:
@@ -141,21 +140,21 @@ def test_strict_conversion(pair):
                     ({**tensors, "encoder.extra.weight": np.zeros(1, np.float32)}, "unexpected keys"),
                     ({**tensors, "encoder.conv_in.weight": np.zeros((1, 1, 3, 3), np.float32)}, "wrong shape")):
     with pytest.raises(ConversionError) as info:
-      convert_vae_state_dict(bad, cfg, "diffusers")
+      vae_tables.to_model(bad, cfg, "diffusers")
     assert word in str(info.value) and "\n" not in str(info.value)
   if cfg.latent_channels == 16:  # SD3 and FLUX differ only in their scales: never guessed
     with pytest.raises(ConversionError, match="preset"):
-      infer_vae_config(tensors, "diffusers")
-  assert len(VAE_TABLES["diffusers"](cfg)) == len(tensors)
+      vae_tables.infer_config(tensors, "diffusers")
+  assert len(vae_tables.LAYOUTS["diffusers"](cfg)) == len(tensors)
 
 
 def test_bf16_smoke(pair):
   _, _, tensors = pair
-  cfg = infer_vae_config(tensors, "diffusers", norm_num_groups=SMALL["norm_num_groups"],
+  cfg = vae_tables.infer_config(tensors, "diffusers", norm_num_groups=SMALL["norm_num_groups"],
                          scaling_factor=1.0)
-  vae = convert_vae_state_dict(tensors, cfg, "diffusers", dtype=jnp.bfloat16)
+  vae = vae_tables.to_model(tensors, cfg, "diffusers", dtype=jnp.bfloat16)
   x = jnp.asarray(_images(32, 48))
-  ref = convert_vae_state_dict(tensors, cfg, "diffusers")
+  ref = vae_tables.to_model(tensors, cfg, "diffusers")
 
   @jax.jit
   def roundtrip(images):

@@ -16,7 +16,8 @@ from safetensors.torch import save_file
 
 import dit_jax
 from dit_jax import sample_files
-from dit_jax.convert import ConversionError, convert, export
+from dit_jax.convert import ConversionError
+from dit_jax.convert.files import convert, export
 from dit_jax.diffusion.samplers import sample
 from tests.conftest import diffusers_dit, randomize_, rel_err
 
@@ -113,4 +114,4 @@ def test_vae_errors(pipeline, tmp):
   with pytest.raises(ConversionError, match="missing keys: decoder.conv_out.bias"):
     convert(tmp / "broken_vae.safetensors", tmp / "out")
   assert not (tmp / "out").exists()
-  assert vae_tables.detect_vae_layout({"encoder.down.0.block.0.conv1.weight": 0}) == "ldm"
+  assert vae_tables.detect_layout({"encoder.down.0.block.0.conv1.weight": 0}) == "ldm"

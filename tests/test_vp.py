@@ -14,7 +14,7 @@ import scipy.stats
 import torch
 
 import dit_jax
-from dit_jax.convert import convert
+from dit_jax.convert.files import convert
 from dit_jax.diffusion import vp
 from dit_jax.diffusion.samplers import sample
 from tests.conftest import diffusers_dit, rel_err

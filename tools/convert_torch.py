@@ -25,7 +25,8 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from dit_jax import kinds  # noqa: E402
 from dit_jax.checkpoint import BUNDLED_VAE, CheckpointError, read_meta  # noqa: E402
-from dit_jax.convert import ConversionError, convert, export  # noqa: E402
+from dit_jax.convert import ConversionError  # noqa: E402
+from dit_jax.convert.files import convert, export  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -1,23 +1,38 @@
-"""Key table for diffusers ``SD3Transformer2DModel`` (SD3 Medium, SD3.5 Medium / Large) -> :class:`MMDiT`.
+"""MMDiT key tables (diffusers ``SD3Transformer2DModel`` and Stability's single file; SD3 Medium, SD3.5 Medium /
+Large) -> :class:`MMDiT`, layout detection, config inference and export.
 
 The JAX model keeps Stability's module names and fused qkv: diffusers' ``to_q/to_k/to_v`` (image stream) and
 ``add_q_proj/add_k_proj/add_v_proj`` (context stream) are concatenated along torch's output axis, and
 ``AdaLayerNormContinuous`` projections (``norm_out`` and the last block's ``norm1_context``), stored by diffusers
 in (scale, shift) order, are swapped into Stability's (shift, scale). Every op has an exact inverse
-(:func:`export_mmdit_state_dict`). The stored ``pos_embed.pos_embed`` buffer is imported verbatim.
+(:func:`from_model`). The stored ``pos_embed.pos_embed`` buffer is imported verbatim.
+
+    layout = detect_layout(tensors)                       # 'diffusers' | 'stability'
+    cfg = infer_config(tensors, layout, diffusers_config)
+    model = to_model(tensors, cfg, layout)                # strict: every key used, every parameter filled
+    tensors = from_model(model, layout)                   # the exact inverse (Stability keys without the prefix)
 """
 from __future__ import annotations
 
-import re
 from typing import Any, Callable
 
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from dit_jax.convert import engine
+from dit_jax.convert.engine import (
+  Path,
+  Rule,
+  apply_table,
+  count_blocks,
+  export_table,
+  key_indices,
+  listing,
+  need,
+  pick_table,
+)
 from dit_jax.convert.readers import ConversionError
-from dit_jax.convert.tables import OPS as DIT_OPS
-from dit_jax.convert.tables import Path, Rule, apply_table, listing, need, split_target
 from dit_jax.models.mmdit import MMDiT, MMDiTConfig
 
 
@@ -26,9 +41,9 @@ def _swap_halves(a: np.ndarray) -> np.ndarray:
   return np.concatenate([second, first], axis=0)
 
 
-# op -> (torch -> jax, jax -> torch); DiT's ops plus the (scale, shift) <-> (shift, scale) swaps.
+# op -> (torch -> jax, jax -> torch); the engine's ops plus the (scale, shift) <-> (shift, scale) swaps.
 OPS: dict[str, tuple[Callable, Callable]] = {
-    **DIT_OPS,
+    **engine.OPS,
     "swapT": (lambda a: _swap_halves(a).T, lambda a, cfg: _swap_halves(a.T)),
     "swap": (_swap_halves, lambda a, cfg: _swap_halves(a)),
 }
@@ -44,7 +59,7 @@ def _fused(target: Path, sources: tuple[str, ...]) -> list[Rule]:
           Rule(target + ("bias",), tuple(f"{s}.bias" for s in sources), "copy", "concat")]
 
 
-def diffusers_mmdit_table(cfg: MMDiTConfig) -> list[Rule]:
+def diffusers_table(cfg: MMDiTConfig) -> list[Rule]:
   """diffusers ``SD3Transformer2DModel`` state dict."""
   rules = [
       Rule(("pos_embed",), ("pos_embed.pos_embed",), "batch1"),
@@ -90,7 +105,7 @@ def diffusers_mmdit_table(cfg: MMDiTConfig) -> list[Rule]:
   return rules
 
 
-def stability_mmdit_table(cfg: MMDiTConfig) -> list[Rule]:
+def stability_table(cfg: MMDiTConfig) -> list[Rule]:
   """Stability's single-file layout (``mmditx.py``; the ``model.diffusion_model.`` prefix stripped, see
   :func:`strip_stability_prefix`): module names are the JAX model's own, qkv fused, (shift, scale) order."""
   rules = [
@@ -126,8 +141,10 @@ def stability_mmdit_table(cfg: MMDiTConfig) -> list[Rule]:
   return rules
 
 
-TABLES = {"diffusers": diffusers_mmdit_table, "stability": stability_mmdit_table}
+LAYOUTS = {"diffusers": diffusers_table, "stability": stability_table}
+ORIGINAL_LAYOUT = "stability"  # what export's layout "original" means for this family
 STABILITY_PREFIX = "model.diffusion_model."
+FILE_PREFIX = {"stability": STABILITY_PREFIX}  # layout -> the key prefix of an exported file
 VAE_PREFIX = "first_stage_model."
 # Text encoders bundled in Stability / SGM single files; dit_jax does not convert them.
 TEXT_ENCODER_PREFIXES = ("text_encoders.", "cond_stage_model.", "conditioner.")
@@ -177,7 +194,7 @@ def strip_stability_prefix(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarr
   return {k[len(STABILITY_PREFIX):]: v for k, v in tensors.items() if k.startswith(STABILITY_PREFIX)}
 
 
-def detect_mmdit_layout(tensors: dict[str, np.ndarray]) -> str:
+def detect_layout(tensors: dict[str, np.ndarray]) -> str:
   """'diffusers' or 'stability' (prefix already stripped), from the key names."""
   if "pos_embed.proj.weight" in tensors:
     return "diffusers"
@@ -187,43 +204,21 @@ def detect_mmdit_layout(tensors: dict[str, np.ndarray]) -> str:
                         "x_embedder.proj.weight + joint_blocks.* (stability)")
 
 
+# Per layout: the keys config inference reads (``attn2`` matches the blocks with a second, MMDiT-X attention).
+_KEYS = {
+    "diffusers": dict(blocks="transformer_blocks", patch="pos_embed.proj.weight", pos="pos_embed.pos_embed",
+                      pooled="time_text_embed.text_embedder.linear_1.weight", final="proj_out.weight",
+                      norm_q="transformer_blocks.0.attn.norm_q.weight", attn2=r"transformer_blocks\.(\d+)\.attn2\."),
+    "stability": dict(blocks="joint_blocks", patch="x_embedder.proj.weight", pos="pos_embed",
+                      pooled="y_embedder.mlp.0.weight", final="final_layer.linear.weight",
+                      norm_q="joint_blocks.0.x_block.attn.ln_q.weight",
+                      attn2=r"joint_blocks\.(\d+)\.x_block\.attn2\."),
+}
 
-def _block_indices(tensors, prefix: str, infix: str = "") -> list[int]:
-  return sorted({int(m.group(1)) for k in tensors if (m := re.match(rf"{re.escape(prefix)}\.(\d+)\.{infix}", k))})
 
-
-def infer_mmdit_config(tensors: dict[str, np.ndarray], diffusers_config: dict[str, Any] | None = None,
-                       **overrides) -> MMDiTConfig:
-  """MMDiTConfig from the shapes of a diffusers ``SD3Transformer2DModel`` or Stability single-file state dict
-  (diffusers' config.json only for ``sample_size``, default 128, and, without QK norm, the head split; SD3 heads
-  are 64 wide otherwise). pre-only last block, QK norm and MMDiT-X layers are detected by key presence."""
-  dcfg = diffusers_config or {}
-  tensors = strip_stability_prefix(tensors)
-  diffusers = detect_mmdit_layout(tensors) == "diffusers"
-  blocks = "transformer_blocks" if diffusers else "joint_blocks"
-  patch = need(tensors, "pos_embed.proj.weight" if diffusers else "x_embedder.proj.weight", "MMDiT")
-  pos = need(tensors, "pos_embed.pos_embed" if diffusers else "pos_embed", "MMDiT")
-  pooled = need(tensors, "time_text_embed.text_embedder.linear_1.weight" if diffusers else "y_embedder.mlp.0.weight",
-                "MMDiT")
-  context = need(tensors, "context_embedder.weight", "MMDiT")
-  final = need(tensors, "proj_out.weight" if diffusers else "final_layer.linear.weight", "MMDiT")
-  layers = _block_indices(tensors, blocks)
-  if not layers:
-    raise ConversionError(f"no {blocks}.N.* keys: the checkpoint has no joint blocks")
-  if layers != list(range(len(layers))):
-    missing = sorted(set(range(layers[-1] + 1)) - set(layers))
-    raise ConversionError(f"missing keys for {blocks}.{missing[0]} (blocks are not numbered 0..{layers[-1]})")
-  hidden, in_channels, p = patch.shape[0], patch.shape[1], patch.shape[2]
-  grid = int(round(pos.shape[1] ** 0.5))
-  if pos.ndim != 3 or grid * grid != pos.shape[1]:
-    raise ConversionError(f"pos_embed.pos_embed has shape {pos.shape}, expected (1, P*P, D)")
-  out_channels, rem = divmod(final.shape[0], p * p)
-  if rem:
-    raise ConversionError(f"proj_out has {final.shape[0]} outputs: not a multiple of p*p={p * p}")
-  norm_q = tensors.get("transformer_blocks.0.attn.norm_q.weight" if diffusers
-                       else "joint_blocks.0.x_block.attn.ln_q.weight")
-  # the head split: an override, QK-norm width, config.json, else Stability's rule (heads = depth) for its own
-  # layout and 64-wide heads (every released SD3) for diffusers' state dicts
+def _head_dim(hidden: int, depth: int, layout: str, norm_q, dcfg: dict[str, Any], overrides: dict[str, Any]) -> int:
+  """The head width: an override, the QK-norm width, config.json, else Stability's rule (heads = depth) for its
+  own layout and 64-wide heads (every released SD3) for diffusers' state dicts."""
   if overrides.get("attention_head_dim"):
     head_dim = int(overrides["attention_head_dim"])
   elif overrides.get("num_attention_heads"):
@@ -235,44 +230,64 @@ def infer_mmdit_config(tensors: dict[str, np.ndarray], diffusers_config: dict[st
   elif "num_attention_heads" in dcfg:
     head_dim = hidden // int(dcfg["num_attention_heads"])
   else:
-    head_dim = 64 if diffusers else hidden // len(layers)
+    head_dim = 64 if layout == "diffusers" else hidden // depth
   if head_dim <= 0 or hidden % head_dim:
     raise ConversionError(f"cannot split hidden size {hidden} into heads of width {head_dim}; pass "
                           f"num_attention_heads")
-  overrides = {k: v for k, v in overrides.items() if k not in ("attention_head_dim", "num_attention_heads")}
+  return head_dim
+
+
+def infer_config(tensors: dict[str, np.ndarray], layout: str, diffusers_config: dict[str, Any] | None = None,
+                 **overrides) -> MMDiTConfig:
+  """MMDiTConfig from the shapes of a diffusers ``SD3Transformer2DModel`` or Stability single-file state dict
+  (a ``model.diffusion_model.`` prefix is stripped first; diffusers' config.json only for ``sample_size``,
+  default 128, and, without QK norm, the head split). pre-only last block, QK norm and MMDiT-X layers are
+  detected by key presence."""
+  pick_table(LAYOUTS, layout, "MMDiT")
+  keys = _KEYS[layout]
+  dcfg = diffusers_config or {}
+  tensors = strip_stability_prefix(tensors)
+  patch = need(tensors, keys["patch"], "MMDiT")
+  pos = need(tensors, keys["pos"], "MMDiT")
+  pooled = need(tensors, keys["pooled"], "MMDiT")
+  context = need(tensors, "context_embedder.weight", "MMDiT")
+  final = need(tensors, keys["final"], "MMDiT")
+  depth = count_blocks(tensors, keys["blocks"], "joint blocks")
+  hidden, in_channels, p = patch.shape[0], patch.shape[1], patch.shape[2]
+  grid = int(round(pos.shape[1] ** 0.5))
+  if pos.ndim != 3 or grid * grid != pos.shape[1]:
+    raise ConversionError(f"pos_embed.pos_embed has shape {pos.shape}, expected (1, P*P, D)")
+  out_channels, rem = divmod(final.shape[0], p * p)
+  if rem:
+    raise ConversionError(f"proj_out has {final.shape[0]} outputs: not a multiple of p*p={p * p}")
+  norm_q = tensors.get(keys["norm_q"])
+  head_dim = _head_dim(hidden, depth, layout, norm_q, dcfg, overrides)
   values = dict(
-      sample_size=int(dcfg.get("sample_size", 128)), patch_size=p, in_channels=in_channels, num_layers=len(layers),
+      sample_size=int(dcfg.get("sample_size", 128)), patch_size=p, in_channels=in_channels, num_layers=depth,
       attention_head_dim=head_dim, num_attention_heads=hidden // head_dim,
       joint_attention_dim=context.shape[1], caption_projection_dim=context.shape[0],
       pooled_projection_dim=pooled.shape[1], out_channels=out_channels, pos_embed_max_size=grid,
       qk_norm="rms_norm" if norm_q is not None else None,
-      dual_attention_layers=tuple(_block_indices(tensors, blocks, r"attn2\." if diffusers else r"x_block\.attn2\.")))
-  values.update({k: v for k, v in overrides.items() if v is not None})
+      dual_attention_layers=tuple(key_indices(tensors, keys["attn2"])))
+  values.update({k: v for k, v in overrides.items()
+                 if v is not None and k not in ("attention_head_dim", "num_attention_heads")})
   try:
     return MMDiTConfig(**values)
   except (ValueError, TypeError) as e:
     raise ConversionError(str(e)) from None
 
 
-def convert_mmdit_state_dict(tensors: dict[str, np.ndarray], cfg: MMDiTConfig, layout: str = "auto", *,
-                             dtype=jnp.float32, param_dtype=jnp.float32, attention_impl: str = "auto") -> MMDiT:
-  """Apply the layout's key table strictly: every source key used, every parameter filled, shapes checked.
-  ``layout``: 'auto' | 'diffusers' | 'stability' (a ``model.diffusion_model.`` prefix is stripped first)."""
-  tensors = strip_stability_prefix(tensors)
-  layout = detect_mmdit_layout(tensors) if layout == "auto" else layout
-  if layout not in TABLES:
-    raise ConversionError(f"unknown MMDiT layout {layout!r}; choose one of {', '.join(TABLES)}")
+def to_model(tensors: dict[str, np.ndarray], cfg: MMDiTConfig, layout: str, *, dtype=jnp.float32,
+             param_dtype=jnp.float32, attention_impl: str = "auto") -> MMDiT:
+  """Apply the layout's key table strictly: every source key used, every parameter filled, shapes checked
+  (a ``model.diffusion_model.`` prefix is stripped first)."""
+  table = pick_table(LAYOUTS, layout, "MMDiT")
   abstract = nnx.eval_shape(lambda: MMDiT(cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype,
                                           attention_impl=attention_impl))
-  return apply_table(tensors, TABLES[layout](cfg), abstract, cfg, what=f"{layout} MMDiT", ops=OPS)
+  return apply_table(strip_stability_prefix(tensors), table(cfg), abstract, cfg, what=f"{layout} MMDiT", ops=OPS)
 
 
-def export_mmdit_state_dict(model: MMDiT, layout: str = "diffusers") -> dict[str, np.ndarray]:
-  """The exact inverse of :func:`convert_mmdit_state_dict`: the layout's key -> numpy array (Stability keys
-  without the ``model.diffusion_model.`` prefix)."""
-  params = {tuple(p): np.asarray(v.value) for p, v in nnx.to_flat_state(nnx.state(model))}
-  out = {}
-  for rule in TABLES[layout](model.config):
-    value = OPS[rule.op][1](params[rule.target], model.config)
-    out.update(zip(rule.sources, split_target(rule, value)))
-  return out
+def from_model(model: MMDiT, layout: str) -> dict[str, np.ndarray]:
+  """The exact inverse of :func:`to_model`: the layout's key -> numpy array (Stability keys without the
+  ``model.diffusion_model.`` prefix)."""
+  return export_table(model, pick_table(LAYOUTS, layout, "MMDiT")(model.config), OPS)

@@ -157,11 +157,11 @@ def read_source(src: str | pathlib.Path, weights: str | None = None) -> Source:
       raise ConversionError("--weights applies to training checkpoints (.pt) only")
     sub = path / "transformer"
     return _read_diffusers_folder(sub if sub.is_dir() else path)
-  kind = _sniff(path)
-  if kind == "safetensors":
+  file_format = _sniff(path)
+  if file_format == "safetensors":
     if weights is not None:
       raise ConversionError("--weights applies to training checkpoints (.pt) only")
     return Source(read_safetensors(path), str(path))
-  if kind in ("zip", "pickle"):
+  if file_format in ("zip", "pickle"):
     return read_torch_file(path, weights)
   raise ConversionError(f"{path} is not a PyTorch checkpoint, safetensors file or diffusers folder")

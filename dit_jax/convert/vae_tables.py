@@ -1,4 +1,4 @@
-"""Declarative key tables for AutoencoderKL checkpoints, and the strict VAE converter.
+"""AutoencoderKL key tables, layout detection, config inference and export.
 
 Two layouts:
 
@@ -9,11 +9,14 @@ Two layouts:
   ``decoder.up.{n-1-i}`` is diffusers' ``up_blocks.{i}``). SD checkpoints prefix it with ``first_stage_model.``;
   FLUX ``ae.safetensors`` and SD3's ``SDVAE`` do not (:func:`select_vae_tensors` strips the prefix).
 
-Rules reuse :class:`dit_jax.convert.tables.Rule`; the ops add conv kernels (OIHW <-> HWIO) and 1x1-conv
+Rules are :class:`dit_jax.convert.engine.Rule`; the ops add conv kernels (OIHW <-> HWIO) and 1x1-conv
 attention projections (``[:, :, 0, 0].T``). Every op has an exact inverse, so the tables also export.
 
-    cfg = infer_vae_config(tensors, layout, diffusers_config)
-    vae = convert_vae_state_dict(tensors, cfg, layout)
+    tensors = select_vae_tensors(tensors)                 # a full SD single file's first_stage_model.*
+    layout = detect_layout(tensors)                       # 'diffusers' | 'ldm'
+    cfg = infer_config(tensors, layout, diffusers_config, preset=None)
+    vae = to_model(tensors, cfg, layout)                  # strict: every key used, every parameter filled
+    tensors = from_model(vae, layout)                     # the exact inverse
 """
 from __future__ import annotations
 
@@ -26,28 +29,31 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dit_jax.convert.readers import ConversionError
-from dit_jax.convert.tables import (
+from dit_jax.convert import engine
+from dit_jax.convert.engine import (
   MAX_LISTED,
-  OPS,
   Path,
   Rule,
   apply_table,
+  count_numbered,
+  export_table,
   listing,
   need,
+  pick_table,
 )
+from dit_jax.convert.readers import ConversionError
 from dit_jax.models.vae import PRESETS, AutoencoderKL, VAEConfig
 
 logger = logging.getLogger("dit_jax")
 
-__all__ = ["VAE_OPS", "VAE_TABLES", "convert_vae_state_dict", "detect_vae_layout", "diffusers_table",
-           "export_vae_state_dict", "infer_vae_config", "original_ldm_table", "select_vae_tensors"]
+__all__ = ["LAYOUTS", "OPS", "detect_layout", "diffusers_table", "from_model", "infer_config", "ldm_table",
+           "select_vae_tensors", "to_model"]
 
 LDM_PREFIX = "first_stage_model."
 
-# op -> (torch -> jax, jax -> torch); the inverse takes the config for symmetry with tables.OPS.
-VAE_OPS: dict[str, tuple[Callable, Callable]] = {
-    **OPS,
+# op -> (torch -> jax, jax -> torch); the engine's ops plus conv kernels and 1x1-conv attention projections.
+OPS: dict[str, tuple[Callable, Callable]] = {
+    **engine.OPS,
     "conv": (lambda a: a.transpose(2, 3, 1, 0), lambda a, cfg: a.transpose(3, 2, 0, 1)),
     "conv1x1_T": (lambda a: a[:, :, 0, 0].T, lambda a, cfg: a.T[:, :, None, None]),
 }
@@ -133,18 +139,14 @@ def diffusers_table(cfg: VAEConfig) -> list[Rule]:
   return _table(cfg, "diffusers")
 
 
-def original_ldm_table(cfg: VAEConfig) -> list[Rule]:
+def ldm_table(cfg: VAEConfig) -> list[Rule]:
   """CompVis LDM / SD / SD3 / FLUX AutoencoderKL state dict, without the ``first_stage_model.`` prefix."""
   return _table(cfg, "ldm")
 
 
-VAE_TABLES = {"diffusers": diffusers_table, "ldm": original_ldm_table}
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Layout, config and conversion
-
-
+LAYOUTS = {"diffusers": diffusers_table, "ldm": ldm_table}
+ORIGINAL_LAYOUT = "ldm"  # what export's layout "original" means for this family
+FILE_PREFIX: dict[str, str] = {}  # layout -> the key prefix of an exported file
 
 
 def select_vae_tensors(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -155,7 +157,7 @@ def select_vae_tensors(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
   return tensors
 
 
-def detect_vae_layout(tensors: dict[str, np.ndarray]) -> str:
+def detect_layout(tensors: dict[str, np.ndarray]) -> str:
   """'diffusers' or 'ldm', from the key names."""
   if any(k.startswith("encoder.down_blocks.") for k in tensors):
     return "diffusers"
@@ -166,19 +168,47 @@ def detect_vae_layout(tensors: dict[str, np.ndarray]) -> str:
 
 
 
-def _count(tensors, pattern: str) -> int:
-  """Number of consecutive indices 0..N-1 matching ``pattern`` (a regex with one (\\d+) group)."""
-  indices = {int(m.group(1)) for k in tensors if (m := re.match(pattern, k))}
-  if not indices:
-    raise ConversionError(f"no keys match {pattern} (cannot infer the VAE config)")
-  missing = sorted(set(range(max(indices) + 1)) - indices)
-  if missing:
-    raise ConversionError(f"keys matching {pattern} skip index {missing[0]} (not numbered 0..{max(indices)})")
-  return max(indices) + 1
+def _count_levels(tensors, pattern: str) -> int:
+  """N for keys numbered 0..N-1 by ``pattern`` (a regex with one (\\d+) group)."""
+  return count_numbered(tensors, pattern, f"no keys match {pattern} (cannot infer the VAE config)",
+                        lambda i, last: f"keys matching {pattern} skip index {i} (not numbered 0..{last})")
 
 
-def infer_vae_config(tensors: dict[str, np.ndarray], layout: str, diffusers_config: dict[str, Any] | None = None,
-                     *, preset: str | None = None, **overrides) -> VAEConfig:
+def _shape_values(tensors: dict[str, np.ndarray], layout: str) -> dict[str, Any]:
+  """Channels, levels, layers per block, latent channels, quant convs and mid attention, from the weights."""
+  names = _NAMES[layout]
+  down = "encoder.down_blocks" if layout == "diffusers" else "encoder.down"
+  inner = "resnets" if layout == "diffusers" else "block"
+  n = _count_levels(tensors, rf"{re.escape(down)}\.(\d+)\.")
+  lpb = _count_levels(tensors, rf"{re.escape(down)}\.0\.{inner}\.(\d+)\.")
+  channels = tuple(int(need(tensors, f"{names['down'](i, n)}.0.conv1.weight", "VAE").shape[0]) for i in range(n))
+  conv_in = need(tensors, "encoder.conv_in.weight", "VAE")
+  dec_in = need(tensors, "decoder.conv_in.weight", "VAE")
+  dec_out = need(tensors, "decoder.conv_out.weight", "VAE")
+  return dict(
+      in_channels=int(conv_in.shape[1]), out_channels=int(dec_out.shape[0]), latent_channels=int(dec_in.shape[1]),
+      block_out_channels=channels, layers_per_block=lpb, use_quant_conv="quant_conv.weight" in tensors,
+      use_post_quant_conv="post_quant_conv.weight" in tensors,
+      mid_block_add_attention=any(k.startswith(names["attn"]("encoder") + ".") for k in tensors))
+
+
+def _scale_values(preset: str | None, dcfg: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+  """norm_num_groups / scaling_factor / shift_factor from a preset, then config.json, then ``overrides``."""
+  scales: dict[str, Any] = {}
+  if preset is not None:
+    if preset not in PRESETS:
+      raise ConversionError(f"unknown VAE preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    p = PRESETS[preset]
+    scales.update(norm_num_groups=p.norm_num_groups, scaling_factor=p.scaling_factor, shift_factor=p.shift_factor)
+  for key in ("norm_num_groups", "scaling_factor", "shift_factor"):
+    if dcfg.get(key) is not None:
+      scales[key] = dcfg[key]
+  scales.update({k: v for k, v in overrides.items() if v is not None})
+  return scales
+
+
+def infer_config(tensors: dict[str, np.ndarray], layout: str, diffusers_config: dict[str, Any] | None = None,
+                 *, preset: str | None = None, **overrides) -> VAEConfig:
   """VAE hyper-parameters from tensor shapes, plus config.json / a preset for what shapes do not show.
 
   Shapes give the channels, levels, layers per block, latent channels, quant convs and mid attention.
@@ -187,58 +217,28 @@ def infer_vae_config(tensors: dict[str, np.ndarray], layout: str, diffusers_conf
   diffusers' config.json, then ``overrides``. A 16-channel VAE (SD3 or FLUX, whose scales differ) without a
   config, preset or explicit scaling_factor is an error.
   """
-  if layout not in VAE_TABLES:
-    raise ConversionError(f"unknown VAE layout {layout!r}; choose one of {', '.join(VAE_TABLES)}")
-  names = _NAMES[layout]
-  down = "encoder.down_blocks" if layout == "diffusers" else "encoder.down"
-  inner = "resnets" if layout == "diffusers" else "block"
-  n = _count(tensors, rf"{re.escape(down)}\.(\d+)\.")
-  lpb = _count(tensors, rf"{re.escape(down)}\.0\.{inner}\.(\d+)\.")
-  channels = tuple(int(need(tensors, f"{names['down'](i, n)}.0.conv1.weight", "VAE").shape[0]) for i in range(n))
-  conv_in = need(tensors, "encoder.conv_in.weight", "VAE")
-  dec_in = need(tensors, "decoder.conv_in.weight", "VAE")
-  dec_out = need(tensors, "decoder.conv_out.weight", "VAE")
-  values: dict[str, Any] = dict(
-      in_channels=int(conv_in.shape[1]), out_channels=int(dec_out.shape[0]), latent_channels=int(dec_in.shape[1]),
-      block_out_channels=channels, layers_per_block=lpb, use_quant_conv="quant_conv.weight" in tensors,
-      use_post_quant_conv="post_quant_conv.weight" in tensors,
-      mid_block_add_attention=any(k.startswith(names["attn"]("encoder") + ".") for k in tensors))
-  scales: dict[str, Any] = {}
-  if preset is not None:
-    if preset not in PRESETS:
-      raise ConversionError(f"unknown VAE preset {preset!r}; choose one of {', '.join(PRESETS)}")
-    p = PRESETS[preset]
-    scales.update(norm_num_groups=p.norm_num_groups, scaling_factor=p.scaling_factor, shift_factor=p.shift_factor)
-  dcfg = diffusers_config or {}
-  for key in ("norm_num_groups", "scaling_factor", "shift_factor"):
-    if dcfg.get(key) is not None:
-      scales[key] = dcfg[key]
-  scales.update({k: v for k, v in overrides.items() if v is not None})
+  pick_table(LAYOUTS, layout, "VAE")
+  values = _shape_values(tensors, layout)
+  scales = _scale_values(preset, diffusers_config or {}, overrides)
   if "scaling_factor" not in scales:
     if values["latent_channels"] != 4:
       raise ConversionError(f"a {values['latent_channels']}-channel VAE has no standard latent scale; pass "
                             "preset='sd3'/'flux' or scaling_factor/shift_factor")
     logger.warning("no scaling_factor in the source; assuming 0.18215 (SD 1.x/2.x). Pass preset='sdxl' for SDXL.")
-  values.update(scales)
   try:
-    return VAEConfig(**values)
+    return VAEConfig(**{**values, **scales})
   except (TypeError, ValueError) as e:
     raise ConversionError(str(e)) from None
 
 
-def convert_vae_state_dict(tensors: dict[str, np.ndarray], cfg: VAEConfig, layout: str, *, dtype=jnp.float32,
-                           param_dtype=jnp.float32) -> AutoencoderKL:
+def to_model(tensors: dict[str, np.ndarray], cfg: VAEConfig, layout: str, *, dtype=jnp.float32,
+             param_dtype=jnp.float32) -> AutoencoderKL:
   """Apply the layout's key table strictly: every source key used, every parameter filled, shapes checked."""
-  if layout not in VAE_TABLES:
-    raise ConversionError(f"unknown VAE layout {layout!r}; choose one of {', '.join(VAE_TABLES)}")
+  table = pick_table(LAYOUTS, layout, "VAE")
   abstract = nnx.eval_shape(lambda: AutoencoderKL(cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype))
-  return apply_table(tensors, VAE_TABLES[layout](cfg), abstract, cfg, what=f"{layout} VAE", ops=VAE_OPS)
+  return apply_table(tensors, table(cfg), abstract, cfg, what=f"{layout} VAE", ops=OPS)
 
 
-def export_vae_state_dict(model: AutoencoderKL, layout: str = "diffusers") -> dict[str, np.ndarray]:
+def from_model(model: AutoencoderKL, layout: str) -> dict[str, np.ndarray]:
   """The model's parameters as a numpy state dict in the layout's torch key names (inverse of the import)."""
-  if layout not in VAE_TABLES:
-    raise ConversionError(f"unknown VAE layout {layout!r}; choose one of {', '.join(VAE_TABLES)}")
-  params = {tuple(p): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
-  return {rule.sources[0]: np.ascontiguousarray(VAE_OPS[rule.op][1](params[rule.target], model.config))
-          for rule in VAE_TABLES[layout](model.config)}
+  return export_table(model, pick_table(LAYOUTS, layout, "VAE")(model.config), OPS)

@@ -6,6 +6,7 @@ from collections.abc import Mapping
 import jax.numpy as jnp
 import numpy as np
 
+from dit_jax.convert import dit_tables
 from dit_jax.kinds.base import Kind, SampleSpec
 from dit_jax.models.dit import DiT, DiTConfig, dit_config, flops_per_image
 
@@ -24,6 +25,7 @@ def check_labels(labels: np.ndarray, num_classes: int) -> None:
 class DiTKind(Kind):
   name = "dit"
   module = DiT
+  tables = dit_tables
   config = DiTConfig
   conditioning = "labels"
   batch_ndims = {"image": 4, "label": 1}

@@ -11,6 +11,7 @@ import numpy as np
 
 from dit_jax import data
 from dit_jax.diffusion import flow, guidance, vp
+from dit_jax.convert import mmdit_tables
 from dit_jax.kinds.base import Kind, SampleSpec
 from dit_jax.models.mmdit import MMDiT, MMDiTConfig, flops_per_sample
 
@@ -77,6 +78,7 @@ def check_latent_size(config: MMDiTConfig, latent_size) -> tuple[int, int]:
 class MMDiTKind(Kind):
   name = "mmdit"
   module = MMDiT
+  tables = mmdit_tables
   config = MMDiTConfig
   conditioning = "text"
   batch_ndims = {"image": 4, "context": 3, "pooled": 2}

@@ -1,6 +1,7 @@
 """The AutoencoderKL: converted and loaded (and bundled with a diffusion model), never trained or sampled here."""
 from __future__ import annotations
 
+from dit_jax.convert import vae_tables
 from dit_jax.kinds.base import Kind
 from dit_jax.models.vae import AutoencoderKL, VAEConfig
 
@@ -8,6 +9,7 @@ from dit_jax.models.vae import AutoencoderKL, VAEConfig
 class VAEKind(Kind):
   name = "vae"
   module = AutoencoderKL
+  tables = vae_tables
   config = VAEConfig
 
   def build(self, config: VAEConfig, *, rngs, dtype, param_dtype, attention_impl: str = "auto", remat: str = "none",

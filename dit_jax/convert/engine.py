@@ -1,22 +1,25 @@
-"""Declarative key tables: one per checkpoint layout, source key(s) -> NNX parameter path + transform.
+"""The key-table engine shared by every model family: source key(s) -> NNX parameter path + transform.
 
 A :class:`Rule` names the target parameter path in the NNX state, its source keys, how several sources merge
 (``one``, ``concat`` along torch's output axis, or ``tied`` copies that must be identical) and how the merged
-tensor maps onto the target (``op``). Every op has an exact inverse, so the same table exports back.
+tensor maps onto the target (``op``, a key of an ops table). Every op has an exact inverse, so the same table
+exports back (:func:`export_table`). A family extends :data:`OPS` with its own ops and passes them as ``ops=``.
 """
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Callable
 
+import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from dit_jax.convert.readers import ConversionError
-from dit_jax.models.dit import DiTConfig
-from dit_jax.models.layers import sincos_2d
 
 Path = tuple  # NNX state path, e.g. ("blocks", 0, "attn", "qkv", "kernel")
+MAX_LISTED = 4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,82 +35,18 @@ def _patch_to_jax(w: np.ndarray) -> np.ndarray:
   return w.transpose(2, 3, 1, 0).reshape(p * p * c, d)
 
 
-def _patch_to_torch(k: np.ndarray, cfg: DiTConfig) -> np.ndarray:
+def _patch_to_torch(k: np.ndarray, cfg) -> np.ndarray:
   p, c = cfg.patch_size, cfg.in_channels
   return k.reshape(p, p, c, -1).transpose(3, 2, 0, 1)
 
 
-# op -> (torch -> jax, jax -> torch)
+# op -> (torch -> jax, jax -> torch); ``patch`` (a patch-embedding conv as a linear, DiT and MMDiT) reads the
+# config's patch_size and in_channels.
 OPS: dict[str, tuple[Callable, Callable]] = {
     "copy": (lambda a: a, lambda a, cfg: a),
     "T": (lambda a: a.T, lambda a, cfg: a.T),
     "patch": (_patch_to_jax, _patch_to_torch),
     "batch1": (lambda a: a[0], lambda a, cfg: a[None]),
-}
-
-
-def _linear(target: Path, source: str, merge: str = "one", copies: tuple[str, ...] | None = None) -> list[Rule]:
-  """kernel + bias of one Linear; ``copies`` lists prefixes for tied/concat sources instead of ``source``."""
-  prefixes = copies or (source,)
-  return [Rule(target + ("kernel",), tuple(f"{p}.weight" for p in prefixes), "T", merge),
-          Rule(target + ("bias",), tuple(f"{p}.bias" for p in prefixes), "copy", merge)]
-
-
-def original_table(cfg: DiTConfig) -> list[Rule]:
-  """facebookresearch/DiT ``models.py`` state dict (the released DiT-XL-2-*.pt layout)."""
-  rules = [
-      Rule(("pos_embed",), ("pos_embed",), "batch1"),
-      Rule(("x_embedder", "proj", "kernel"), ("x_embedder.proj.weight",), "patch"),
-      Rule(("x_embedder", "proj", "bias"), ("x_embedder.proj.bias",)),
-      *_linear(("t_embedder", "fc1"), "t_embedder.mlp.0"),
-      *_linear(("t_embedder", "fc2"), "t_embedder.mlp.2"),
-      Rule(("y_embedder", "embedding_table", "embedding"), ("y_embedder.embedding_table.weight",)),
-  ]
-  for i in range(cfg.depth):
-    src, dst = f"blocks.{i}", ("blocks", i)
-    rules += _linear(dst + ("attn", "qkv"), f"{src}.attn.qkv")
-    rules += _linear(dst + ("attn", "proj"), f"{src}.attn.proj")
-    rules += _linear(dst + ("mlp", "fc1"), f"{src}.mlp.fc1")
-    rules += _linear(dst + ("mlp", "fc2"), f"{src}.mlp.fc2")
-    rules += _linear(dst + ("adaLN_modulation",), f"{src}.adaLN_modulation.1")
-  rules += _linear(("final_layer", "adaLN_modulation"), "final_layer.adaLN_modulation.1")
-  rules += _linear(("final_layer", "linear"), "final_layer.linear")
-  return rules
-
-
-def diffusers_table(cfg: DiTConfig) -> list[Rule]:
-  """diffusers ``DiTTransformer2DModel`` (and legacy ``Transformer2DModel`` ada_norm_zero) state dict.
-
-  diffusers keeps a copy of the timestep and label embedders in every block (``norm1.emb``); the copies are
-  tied here and must be identical. ``pos_embed`` is not stored (diffusers recomputes it).
-  """
-  blocks = [f"transformer_blocks.{i}" for i in range(cfg.depth)]
-  emb = [f"{b}.norm1.emb" for b in blocks]
-  rules = [
-      Rule(("x_embedder", "proj", "kernel"), ("pos_embed.proj.weight",), "patch"),
-      Rule(("x_embedder", "proj", "bias"), ("pos_embed.proj.bias",)),
-      *_linear(("t_embedder", "fc1"), "", "tied", tuple(f"{e}.timestep_embedder.linear_1" for e in emb)),
-      *_linear(("t_embedder", "fc2"), "", "tied", tuple(f"{e}.timestep_embedder.linear_2" for e in emb)),
-      Rule(("y_embedder", "embedding_table", "embedding"),
-           tuple(f"{e}.class_embedder.embedding_table.weight" for e in emb), "copy", "tied"),
-  ]
-  for i, b in enumerate(blocks):
-    dst = ("blocks", i)
-    rules += _linear(dst + ("attn", "qkv"), "", "concat", tuple(f"{b}.attn1.to_{x}" for x in "qkv"))
-    rules += _linear(dst + ("attn", "proj"), f"{b}.attn1.to_out.0")
-    rules += _linear(dst + ("mlp", "fc1"), f"{b}.ff.net.0.proj")
-    rules += _linear(dst + ("mlp", "fc2"), f"{b}.ff.net.2")
-    rules += _linear(dst + ("adaLN_modulation",), f"{b}.norm1.linear")
-  rules += _linear(("final_layer", "adaLN_modulation"), "proj_out_1")
-  rules += _linear(("final_layer", "linear"), "proj_out_2")
-  return rules
-
-
-TABLES = {"original": original_table, "diffusers": diffusers_table}
-# Parameters a layout does not store, computed from the config instead (diffusers rebuilds the sin-cos table).
-COMPUTED: dict[str, dict[Path, Callable[[DiTConfig], np.ndarray]]] = {
-    "original": {},
-    "diffusers": {("pos_embed",): lambda cfg: sincos_2d(cfg.hidden_size, cfg.grid_size, cfg.grid_size)},
 }
 
 
@@ -140,9 +79,6 @@ def source_shapes(rule: Rule, target_shape: tuple, cfg, ops=OPS) -> list[tuple]:
   return [tuple(a.shape) for a in split_target(rule, ops[rule.op][1](placeholder, cfg))]
 
 
-MAX_LISTED = 4
-
-
 def need(tensors: dict, key: str, what: str = "model"):
   """tensors[key], or a one-line ConversionError naming the missing key (it is needed to infer the config)."""
   if key not in tensors:
@@ -157,14 +93,42 @@ def listing(keys) -> str:
   return ", ".join(keys[:MAX_LISTED]) + more
 
 
+def key_indices(tensors, pattern: str) -> list[int]:
+  """The sorted distinct numbers that ``pattern``'s one ``(\\d+)`` group captures at the start of the keys."""
+  return sorted({int(m.group(1)) for k in tensors if (m := re.match(pattern, k))})
+
+
+def count_numbered(tensors, pattern: str, none: str, gap: Callable[[int, int], str]) -> int:
+  """N when the keys matching ``pattern`` (see :func:`key_indices`) are numbered 0..N-1. Otherwise a
+  ConversionError: ``none`` when no key matches, ``gap(first skipped index, last index)`` for a hole."""
+  found = key_indices(tensors, pattern)
+  if not found:
+    raise ConversionError(none)
+  missing = sorted(set(range(found[-1] + 1)) - set(found))
+  if missing:
+    raise ConversionError(gap(missing[0], found[-1]))
+  return len(found)
+
+
+def count_blocks(tensors, prefix: str, what: str) -> int:
+  """Depth of the block stack ``{prefix}.0.*`` .. ``{prefix}.N-1.*`` (``what`` names the blocks in errors)."""
+  return count_numbered(tensors, rf"{re.escape(prefix)}\.(\d+)\.",
+                        f"no {prefix}.N.* keys: the checkpoint has no {what}",
+                        lambda i, last: f"missing keys for {prefix}.{i} (blocks are not numbered 0..{last})")
+
+
+def pick_table(layouts: dict[str, Callable], layout: str, what: str) -> Callable:
+  """``layouts[layout]``, or a ConversionError listing the ``what`` (e.g. 'MMDiT') layouts."""
+  if layout not in layouts:
+    raise ConversionError(f"unknown {what} layout {layout!r}; choose one of {', '.join(layouts)}")
+  return layouts[layout]
+
+
 def apply_table(tensors: dict[str, np.ndarray], rules: list[Rule], abstract_module, cfg, *, what: str, ops=OPS,
                 computed: dict[Path, Callable] | None = None):
   """Fill an abstract NNX module from a state dict through a key table, strictly: every source key used, every
   parameter filled (by a rule or ``computed``), every shape checked. All problems go into one one-line
   ConversionError naming the offending keys."""
-  from flax import nnx
-
-
   computed = computed or {}
   graphdef, state = nnx.split(abstract_module)
   flat = nnx.to_flat_state(state)
@@ -201,3 +165,13 @@ def apply_table(tensors: dict[str, np.ndarray], rules: list[Rule], abstract_modu
   for path, var in flat:
     var.set_value(jnp.asarray(values[tuple(path)], dtype=var.get_value().dtype))
   return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+def export_table(model: nnx.Module, rules: list[Rule], ops=OPS) -> dict[str, np.ndarray]:
+  """The inverse of :func:`apply_table`: the rules' source keys -> numpy arrays (C-contiguous) from the model."""
+  params = {tuple(p): np.asarray(jax.device_get(v[...])) for p, v in nnx.to_flat_state(nnx.state(model))}
+  out = {}
+  for rule in rules:
+    value = ops[rule.op][1](params[rule.target], model.config)
+    out.update(zip(rule.sources, map(np.ascontiguousarray, split_target(rule, value))))
+  return out

@@ -1,0 +1,192 @@
+"""PyTorch checkpoint files / folders <-> dit_jax checkpoint directories (DiT, MMDiT, VAE).
+
+    convert(src, out_dir)                  # any supported source -> dit_jax checkpoint directory
+    convert_vae(src)                       # (AutoencoderKL, meta) from a VAE source
+    export(ckpt_dir, out_file, layout=...) # dit_jax checkpoint -> safetensors ('original' / 'stability' / 'diffusers')
+"""
+from __future__ import annotations
+
+import logging
+import os
+import pathlib
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+
+from dit_jax import checkpoint, kinds
+from dit_jax.convert import dit_tables, mmdit_tables, vae_tables
+from dit_jax.convert.readers import ConversionError, Source, from_numpy, read_source
+from dit_jax.models.vae import AutoencoderKL
+
+logger = logging.getLogger("dit_jax")
+
+__all__ = ["convert", "convert_vae", "export"]
+
+
+def _source_meta(src, tensors: dict[str, np.ndarray], description: str, layout: str) -> dict[str, Any]:
+  dtypes = sorted({str(a.dtype) for a in tensors.values()})
+  return {"source": {"path": str(src), "layout": layout, "description": description,
+                     "dtype": dtypes[0] if len(dtypes) == 1 else "float32"}}
+
+
+def _is_vae(tensors: dict[str, np.ndarray]) -> bool:
+  keys = vae_tables.select_vae_tensors(tensors)
+  return any(k.startswith(("encoder.down_blocks.", "encoder.down.")) for k in keys)
+
+
+def _vae_from_source(src, source: Source, preset: str | None, *, default_16ch: str | None = None, **scales):
+  tensors = vae_tables.select_vae_tensors(source.tensors)
+  layout = vae_tables.detect_layout(tensors)
+  conv_in = tensors.get("decoder.conv_in.weight")
+  if preset is None and default_16ch and conv_in is not None and conv_in.shape[1] == 16:
+    preset = default_16ch  # config.json values, when the source has them, still take precedence
+  cfg = vae_tables.infer_config(tensors, layout, source.diffusers_config, preset=preset, **scales)
+  return vae_tables.to_model(tensors, cfg, layout), _source_meta(src, tensors, source.description, layout)
+
+
+def convert_vae(src: str | os.PathLike, *, preset: str | None = None, scaling_factor: float | None = None,
+                shift_factor: float | None = None):
+  """(AutoencoderKL, meta) from a diffusers AutoencoderKL folder / safetensors or an LDM / SD single file
+  (``first_stage_model.*`` keys are taken from a full checkpoint, everything else in it is left alone)."""
+  return _vae_from_source(src, read_source(src), preset, scaling_factor=scaling_factor, shift_factor=shift_factor)
+
+
+def _bundled_vae(src, vae, file_vae: dict | None, preset: str | None, *, default_16ch: str | None,
+                 latent_channels: int, what: str) -> tuple[AutoencoderKL | None, dict | None]:
+  """(VAE, meta) to bundle with a ``what`` ('DiT' / 'MMDiT'): ``vae`` if given, else a pipeline folder's
+  ``vae/``, else the VAE tensors of a single file (``file_vae``); (None, None) when there is none."""
+  pipeline_vae = pathlib.Path(src) / "vae"
+  if vae is not None:
+    vae_src, vae_source = vae, read_source(vae)
+  elif pipeline_vae.is_dir():
+    vae_src, vae_source = pipeline_vae, read_source(pipeline_vae)
+  elif file_vae:
+    vae_src, vae_source = src, Source(file_vae, f"{src} ({mmdit_tables.VAE_PREFIX}*)")
+  else:
+    return None, None
+  model, meta = _vae_from_source(vae_src, vae_source, preset, default_16ch=default_16ch)
+  if model.config.latent_channels != latent_channels:
+    raise ConversionError(f"the VAE has {model.config.latent_channels} latent channels, the {what} takes "
+                          f"{latent_channels}")
+  return model, meta
+
+
+def _convert_mmdit(src, source: Source, parts: tuple[dict, dict, int], out_dir, *, layout: str,
+                   num_heads: int | None, input_size: int | None, vae, bundle_vae: bool, vae_preset: str | None,
+                   overwrite: bool):
+  """An MMDiT (Stability single file, bare mmditx / diffusers state dict, SD3 pipeline folder) and its VAE."""
+  tensors, file_vae, ignored = parts
+  found = mmdit_tables.detect_layout(tensors)
+  if layout not in ("auto", found):
+    raise ConversionError(f"{src} is an MMDiT in the {found} layout, not {layout}")
+  if ignored:
+    logger.info("ignoring %d text-encoder tensors (%s) in %s: dit_jax converts the MMDiT and its VAE only", ignored,
+                ", ".join(f"{p}*" for p in mmdit_tables.TEXT_ENCODER_PREFIXES), src)
+  cfg = mmdit_tables.infer_config(tensors, found, source.diffusers_config, num_attention_heads=num_heads,
+                                  sample_size=input_size)
+  model = mmdit_tables.to_model(tensors, cfg, found)
+  vae_model, vae_meta = (_bundled_vae(src, vae, file_vae, vae_preset, default_16ch="sd3",
+                                      latent_channels=cfg.in_channels, what="MMDiT") if bundle_vae else (None, None))
+  checkpoint.save(model, out_dir, overwrite=overwrite, extra=_source_meta(src, tensors, source.description, found),
+                  vae=vae_model, vae_extra=vae_meta)
+  return cfg
+
+
+def _convert_dit(src, source: Source, out_dir, *, layout: str, num_heads: int | None, input_size: int | None,
+                 num_classes: int | None, vae, bundle_vae: bool, vae_preset: str | None, overwrite: bool):
+  """A DiT (original or diffusers layout, file, folder or DiTPipeline folder) and its VAE."""
+  found = dit_tables.detect_layout(source.tensors)
+  if layout not in ("auto", found):
+    raise ConversionError(f"{src} is in the {found} layout, not {layout}")
+  cfg = dit_tables.infer_config(source.tensors, found, source.diffusers_config, num_heads=num_heads,
+                                input_size=input_size, num_classes=num_classes)
+  model = dit_tables.to_model(source.tensors, cfg, found)
+  vae_model, vae_meta = (_bundled_vae(src, vae, None, vae_preset, default_16ch=None, latent_channels=cfg.in_channels,
+                                      what="DiT") if bundle_vae else (None, None))
+  checkpoint.save(model, out_dir, overwrite=overwrite, extra=_source_meta(src, source.tensors, source.description,
+                                                                          found), vae=vae_model, vae_extra=vae_meta)
+  return cfg
+
+
+def convert(src: str | os.PathLike, out_dir: str | os.PathLike, *, layout: str = "auto", weights: str | None = None,
+            num_heads: int | None = None, input_size: int | None = None, num_classes: int | None = None,
+            vae: str | os.PathLike | None = None, bundle_vae: bool = True, vae_preset: str | None = None,
+            overwrite: bool = False):
+  """Convert a PyTorch DiT, MMDiT or VAE checkpoint into a dit_jax checkpoint directory; returns the model config.
+
+  Args:
+    src: a DiT (original ``.pt``/``.safetensors`` state dict or training checkpoint, diffusers folder or file, or
+      a DiTPipeline folder), an MMDiT (Stability single file such as ``sd3.5_medium.safetensors``, a bare
+      ``mmditx`` state dict, a diffusers ``SD3Transformer2DModel`` folder / file or an SD3 pipeline folder) or a
+      VAE (diffusers AutoencoderKL folder / file, LDM / SD single file).
+    out_dir: checkpoint directory to write (must not exist or be empty unless ``overwrite``).
+    layout: key layout: 'auto' | 'original' | 'diffusers' for a DiT, 'auto' | 'stability' | 'diffusers' for an
+      MMDiT.
+    weights: training checkpoints only: 'ema' (default) or 'model'.
+    num_heads, input_size: hyper-parameters shapes do not show (an MMDiT's num_attention_heads / sample_size).
+    vae: a VAE source to bundle (``<out_dir>/vae``); by default a pipeline folder's ``vae/`` or a Stability single
+      file's ``first_stage_model.*`` is bundled (``bundle_vae=False`` to skip).
+    vae_preset: 'sd-vae-ft-ema', 'sdxl', 'sd3', 'flux', ... for latent scales a source does not record (a
+      16-channel VAE bundled with an MMDiT defaults to 'sd3').
+  """
+  source: Source = read_source(src, weights)
+  bundling = dict(vae=vae, bundle_vae=bundle_vae, vae_preset=vae_preset, overwrite=overwrite)
+  mmdit_parts = mmdit_tables.select_mmdit(source.tensors)
+  if mmdit_parts is not None:
+    if num_classes is not None:
+      raise ConversionError("num_classes applies to a class-conditional DiT, not to an MMDiT")
+    return _convert_mmdit(src, source, mmdit_parts, out_dir, layout=layout, num_heads=num_heads,
+                          input_size=input_size, **bundling)
+  if layout == "stability":
+    raise ConversionError(f"{src} is not an MMDiT (no context_embedder.weight + joint_blocks.* / "
+                          "transformer_blocks.*): the stability layout applies to MMDiT checkpoints only")
+  if layout == "auto" and _is_vae(source.tensors) and "x_embedder.proj.weight" not in source.tensors:
+    model, meta = convert_vae(src, preset=vae_preset)
+    checkpoint.save(model, out_dir, overwrite=overwrite, extra=meta)
+    return model.config
+  return _convert_dit(src, source, out_dir, layout=layout, num_heads=num_heads, input_size=input_size,
+                      num_classes=num_classes, **bundling)
+
+
+def _numpy_dtype(dtype: str):
+  try:
+    return jnp.dtype(dtype)
+  except TypeError:
+    raise ConversionError(f"unknown dtype {dtype!r}") from None
+
+
+def _save_safetensors(arrays: dict[str, np.ndarray], out: pathlib.Path, dtype, layout: str) -> None:
+  """Write ``arrays`` cast to ``dtype`` atomically (a temporary file next to ``out``, then a rename)."""
+  from safetensors.torch import save_file
+
+  tensors = {k: from_numpy(np.ascontiguousarray(v.astype(dtype))) for k, v in arrays.items()}
+  tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+  try:
+    save_file(tensors, str(tmp), metadata={"format": "pt", "dit_jax_layout": layout})
+    os.replace(tmp, out)
+  finally:
+    tmp.unlink(missing_ok=True)
+
+
+def export(ckpt_dir: str | os.PathLike, out_file: str | os.PathLike, *, layout: str = "original",
+           dtype: str | None = None, overwrite: bool = False) -> pathlib.Path:
+  """Write a checkpoint's parameters as a safetensors state dict in the ``layout``'s torch key names.
+
+  Layouts: a DiT 'original' | 'diffusers'; an MMDiT 'stability' (alias 'original'; Stability's single-file keys
+  with the ``model.diffusion_model.`` prefix) | 'diffusers'; a VAE 'ldm' (alias 'original') | 'diffusers'.
+  ``dtype`` defaults to the dtype the checkpoint was converted from (float32 for trained checkpoints), so an
+  import followed by an export is bit-exact.
+  """
+  out = pathlib.Path(out_file)
+  if out.exists() and not overwrite:
+    raise ConversionError(f"{out} already exists (use --overwrite to replace it)")
+  meta = checkpoint.read_meta(ckpt_dir)
+  model = checkpoint.load(ckpt_dir)
+  np_dtype = _numpy_dtype(dtype or meta.get("source", {}).get("dtype", "float32"))
+  tables = kinds.get(meta["kind"]).tables
+  layout = tables.ORIGINAL_LAYOUT if layout == "original" else layout
+  prefix = tables.FILE_PREFIX.get(layout, "")
+  arrays = {prefix + k: v for k, v in tables.from_model(model, layout).items()}
+  _save_safetensors(arrays, out, np_dtype, layout)
+  return out
