@@ -18,7 +18,8 @@ import dit_jax
 from dit_jax import sampling
 from dit_jax.convert import ConversionError, convert, export
 from dit_jax.diffusion.samplers import sample
-from tests.conftest import diffusers_dit, randomize_, rel_err
+from tests.helpers import rel_err
+from tests.helpers.reference import diffusers_dit, randomize_
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 

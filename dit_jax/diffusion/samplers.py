@@ -314,6 +314,8 @@ def sample(model: nnx.Module, cond, key: jax.Array | None = None, *, method: str
     check_labels(cond, cfg.num_classes)
     latent_shape = (cond.shape[0], cfg.input_size, cfg.input_size, cfg.in_channels)
   _validate(method, steps, cfg_scale, step_noise, latent_shape, respacing)
+  if not shift > 0:  # also NaN; a shift <= 0 turns the flow schedule into garbage (all-zero images)
+    raise ValueError(f"shift must be > 0, got {shift}")
   steps = steps or DEFAULT_STEPS[method]
   if method in VP_METHODS:
     num = create_diffusion(respacing or str(steps)).num_timesteps
