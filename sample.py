@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import pathlib
 import sys
 
@@ -29,11 +30,12 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
 
+from dit_jax.cli import ArgumentParser, fail  # noqa: E402
 from dit_jax.diffusion.samplers import DEFAULT_STEPS, METHODS  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--checkpoint", required=True, help="dit_jax checkpoint directory")
   p.add_argument("--out", required=True, help="grid .png, or .npz with --num-samples")
   p.add_argument("--class-labels", default=None, help="comma-separated class ids (default for .npz: uniform random)")
@@ -73,6 +75,38 @@ def _ints(text: str, what: str) -> np.ndarray:
     raise ValueError(f"{what} must be comma-separated integers, got {text!r}") from None
 
 
+def check_numbers(args: argparse.Namespace) -> None:
+  """Reject numeric flags that make no sense (they would sample garbage), before anything is loaded or written."""
+  for flag in ("steps", "num_samples", "batch_size", "zoom", "nrow"):
+    value = getattr(args, flag)
+    if value is not None and value < 1:
+      raise ValueError(f"--{flag.replace('_', '-')} must be a positive integer, got {value}")
+  if args.shift is not None and not (math.isfinite(args.shift) and args.shift > 0):
+    raise ValueError(f"--shift must be a positive number, got {args.shift:g}")
+  for flag in ("cfg_scale", "eta", "slg_scale"):
+    value = getattr(args, flag)
+    if value is not None and not (math.isfinite(value) and value >= 0):
+      raise ValueError(f"--{flag.replace('_', '-')} must be a number >= 0, got {value:g}")
+  for flag in ("slg_start", "slg_stop"):
+    value = getattr(args, flag)
+    if value is not None and not 0 <= value <= 1:
+      raise ValueError(f"--{flag.replace('_', '-')} must be a fraction of the steps in [0, 1], got {value:g}")
+  guidance_interval(args.guidance_interval)
+
+
+def guidance_interval(text: str | None) -> tuple[float, float] | None:
+  """--guidance-interval 'lo,hi' -> (lo, hi) with 0 <= lo < hi <= 1."""
+  if text is None:
+    return None
+  try:
+    lo, hi = (float(v) for v in text.split(","))
+  except ValueError:
+    raise ValueError(f"--guidance-interval takes two numbers lo,hi in [0, 1], got {text!r}") from None
+  if not 0 <= lo < hi <= 1:
+    raise ValueError(f"--guidance-interval needs 0 <= lo < hi <= 1, got {text!r}")
+  return lo, hi
+
+
 MMDIT_FLAGS = ("cond", "latent_size", "preset", "slg_layers", "slg_scale", "slg_start", "slg_stop")
 COND_KEYS = {"context": "context", "pooled": "pooled", "negative_context": "context", "negative_pooled": "pooled"}
 
@@ -95,8 +129,7 @@ def run(args: argparse.Namespace) -> str:
   out = pathlib.Path(args.out)
   if out.suffix not in (".png", ".npz"):
     raise ValueError(f"--out must end in .png or .npz, got {out.name}")
-  if args.zoom < 1:
-    raise ValueError("--zoom must be >= 1")
+  check_numbers(args)
   if args.method is not None and args.method not in METHODS:
     raise ValueError(f"unknown method {args.method!r}; choose one of {', '.join(METHODS)}")
   kind = kinds.get(read_meta(args.checkpoint)["kind"])
@@ -117,14 +150,10 @@ def run_labels(args: argparse.Namespace, out: pathlib.Path) -> str:
 
   if (out.suffix == ".npz") != (args.num_samples is not None):
     raise ValueError("--num-samples goes with an .npz output (and a .png grid takes --class-labels)")
-  if args.num_samples is not None and (args.num_samples <= 0 or args.batch_size <= 0):
-    raise ValueError("--num-samples and --batch-size must be positive")
   labels = _ints(args.class_labels, "--class-labels") if args.class_labels else None
   if out.suffix == ".png" and labels is None:
     raise ValueError("--class-labels is required for a PNG grid")
-  interval = tuple(float(v) for v in args.guidance_interval.split(",")) if args.guidance_interval else None
-  if interval is not None and len(interval) != 2:
-    raise ValueError("--guidance-interval takes two numbers: lo,hi")
+  interval = guidance_interval(args.guidance_interval)
   dtype = jnp.bfloat16 if args.bf16 else jnp.float32
   model = dit_jax.load(args.checkpoint, dtype=dtype)
   decode = _decoder(args, dtype)
@@ -193,6 +222,11 @@ def sampling_options(args: argparse.Namespace, default_shift: float = 3.0) -> di
       slg[key] = getattr(args, f"slg_{key}")
   if slg and ("layers" not in slg or "scale" not in slg):
     raise ValueError("skip-layer guidance needs --slg-layers and --slg-scale (or a preset that sets them)")
+  if slg:
+    from dit_jax.diffusion.guidance import SkipLayerGuidance
+    window = SkipLayerGuidance.parse(slg)
+    if not window.start < window.stop:
+      raise ValueError(f"skip-layer guidance needs --slg-start < --slg-stop, got {window.start:g} and {window.stop:g}")
   opts["skip_layer_guidance"] = slg if slg and slg["scale"] != 0 else None
   return opts
 
@@ -253,7 +287,10 @@ RUNNERS = {"labels": run_labels, "text": run_text}  # by the model kind's condit
 
 
 def main(argv=None) -> int:
-  args = parse_args(argv)
+  try:
+    args = parse_args(argv)
+  except SystemExit as e:  # --help, or a usage error already reported in one line
+    return int(e.code or 0)
   logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
   logging.getLogger("absl").setLevel(logging.WARNING)
   from dit_jax.checkpoint import CheckpointError
@@ -261,8 +298,7 @@ def main(argv=None) -> int:
   try:
     print(run(args))
   except (ValueError, CheckpointError, FileNotFoundError) as e:
-    print(f"error: {str(e).strip().splitlines()[0]}", file=sys.stderr)
-    return 2
+    return fail(e)
   return 0
 
 

@@ -13,6 +13,7 @@ import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
+import ml_collections  # noqa: E402
 from absl import flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
@@ -20,18 +21,37 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "training config file 
 flags.DEFINE_string("workdir", None, "directory for checkpoints, metrics and samples")
 
 
+def _config() -> ml_collections.ConfigDict:
+  """The parsed --config; ValueError (one line) when its file did not load or get_config() gave no ConfigDict."""
+  config, path = _CONFIG.value, config_flags.get_config_filename(flags.FLAGS["config"])
+  try:
+    getattr(config, "keys", None)  # a config file that failed to load raises its error on any attribute
+  except OSError as e:
+    raise ValueError(f"cannot load --config {path}: {str(e).strip().splitlines()[-1].strip()}") from None
+  if not isinstance(config, ml_collections.ConfigDict):
+    raise ValueError(f"--config {path}: get_config() must return a ConfigDict, not {type(config).__name__}")
+  return config
+
+
+def _one_line(e: Exception) -> str:
+  key = e.args[0] if isinstance(e, AttributeError) and e.args and isinstance(e.args[0], KeyError) else e
+  if isinstance(key, KeyError):  # ConfigDict's error for an override of a key the config does not have
+    name = str(key.args[0] if key.args else key).strip("'\"")
+    return f"unknown config key {name!r} (dit_jax/train_config.py lists every key)"
+  return str(e).strip().splitlines()[0]
+
+
 def main(argv) -> int:
   try:
     flags.FLAGS(argv)
-  except (flags.Error, KeyError, AttributeError, TypeError, ValueError) as e:
-    print(f"error: {str(e).strip().splitlines()[0]}", file=sys.stderr)
-    return 2
-  if _CONFIG.value is None or flags.FLAGS.workdir is None:
-    print("error: --config and --workdir are required", file=sys.stderr)
+    if _CONFIG.value is None or flags.FLAGS.workdir is None:
+      raise ValueError("--config and --workdir are required")
+    config = _config()
+  except (flags.Error, KeyError, AttributeError, TypeError, ValueError, SyntaxError) as e:
+    print(f"error: {_one_line(e)}", file=sys.stderr)
     return 2
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s: %(message)s")
   logging.getLogger("absl").setLevel(logging.WARNING)
-  config = _CONFIG.value
   import jax
 
   d = config.distributed
@@ -46,7 +66,7 @@ def main(argv) -> int:
   try:
     validate(config)
     train(config, flags.FLAGS.workdir)
-  except (ValueError, TrainingError) as e:
+  except (ValueError, TrainingError, FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError) as e:
     print(f"error: {str(e).strip().splitlines()[0]}", file=sys.stderr)
     return 2
   return 0

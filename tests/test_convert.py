@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import argparse
 import pickle
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -15,9 +13,8 @@ import dit_jax
 from dit_jax.checkpoint import CheckpointError
 from dit_jax.convert import ConversionError
 from dit_jax.convert.files import convert, export
-from tests.conftest import as_original_convention_, diffusers_dit, original_state_dict
-
-REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
+from tests.helpers.processes import one_line_error, run_cli
+from tests.helpers.reference import as_original_convention_, diffusers_dit, original_state_dict
 
 
 @pytest.fixture(scope="module")
@@ -28,8 +25,7 @@ def original_sd():
 
 
 def _cli(*args):
-  return subprocess.run([sys.executable, str(REPO / "tools" / "convert_torch.py"), *map(str, args)],
-                        capture_output=True, text=True, cwd=REPO)
+  return run_cli("tools/convert_torch.py", *args)
 
 
 def _assert_same_tensors(a: dict, b: dict):
@@ -137,10 +133,14 @@ def test_cli_reports_one_line_without_traceback(tmp, original_sd):
   for name in ("wrong file", "malicious pickle", "missing key", "wrong shape"):
     path, fragment = cases[name]
     result = _cli(path, tmp / "out")
-    assert result.returncode == 2, name
-    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], (name, result.stderr)
+    one_line_error(result.returncode, result.stderr, fragment)
     assert "this must never run" not in result.stdout + result.stderr
+  assert not (tmp / "out").exists()
+  for args, fragment in (([], "the following arguments are required: src, out"),
+                         ([tmp / "notes.txt", tmp / "out", "--to", "pytorch"], "argument --to: invalid choice"),
+                         ([tmp / "notes.txt", tmp / "out", "--num-heads", "four"], "invalid int value: 'four'")):
+    result = _cli(*args)
+    one_line_error(result.returncode, result.stderr, fragment)
   assert not (tmp / "out").exists()
 
 
@@ -149,16 +149,18 @@ def test_existing_output_is_never_clobbered(tmp, original_sd):
   (tmp / "ckpt").mkdir()
   (tmp / "ckpt" / "precious.txt").write_text("keep me")
   result = _cli(tmp / "dit.pt", tmp / "ckpt")
-  assert result.returncode == 2 and "already exists" in result.stderr
+  one_line_error(result.returncode, result.stderr, "already exists")
   assert (tmp / "ckpt" / "precious.txt").read_text() == "keep me"
   # a failed overwrite also leaves the old directory intact
   torch.save({**original_sd, "junk": torch.zeros(1)}, tmp / "bad.pt")
-  assert _cli(tmp / "bad.pt", tmp / "ckpt", "--overwrite").returncode == 2
+  result = _cli(tmp / "bad.pt", tmp / "ckpt", "--overwrite")
+  one_line_error(result.returncode, result.stderr, "unexpected keys: junk")
   assert (tmp / "ckpt" / "precious.txt").read_text() == "keep me"
   assert _cli(tmp / "dit.pt", tmp / "ckpt", "--overwrite").returncode == 0
   assert dit_jax.load(tmp / "ckpt").config.depth == 2
   (tmp / "back.safetensors").write_text("old")
-  assert _cli(tmp / "ckpt", tmp / "back.safetensors", "--to", "torch").returncode == 2
+  result = _cli(tmp / "ckpt", tmp / "back.safetensors", "--to", "torch")
+  one_line_error(result.returncode, result.stderr, "already exists")
   assert (tmp / "back.safetensors").read_text() == "old"
 
 

@@ -12,12 +12,11 @@ import pytest
 import torch
 from flax import nnx
 
-from dit_jax.convert import convert_state_dict, infer_config
-from dit_jax.convert.mmdit_tables import convert_mmdit_state_dict, infer_mmdit_config
-from dit_jax.convert.vae_tables import convert_vae_state_dict, infer_vae_config
+from dit_jax.convert import dit_tables, mmdit_tables, vae_tables
 from dit_jax.models.dit import DiTConfig
-from tests.conftest import (as_original_convention_, diffusers_dit, inputs, original_state_dict, rel_err,
-                            tie_embedders_, torch_forward)
+from tests.helpers import rel_err
+from tests.helpers.reference import (as_original_convention_, diffusers_dit, dit_forward, dit_inputs,
+                                     original_state_dict, tie_embedders_)
 
 TOL = 1e-5
 TINY = 1e-3  # amplitude of every residual stream: normalised inputs have variance ~1e-6
@@ -77,26 +76,26 @@ def dit():
     ref.pos_embed.pos_embed.mul_(TINY)
   original = copy.deepcopy(ref)
   as_original_convention_(original)
-  return ref, original, inputs(4, DIT["sample_size"], DIT["in_channels"], DIT["num_classes"])
+  return ref, original, dit_inputs(4, DIT["sample_size"], DIT["in_channels"], DIT["num_classes"])
 
 
 def _dit_err(ours, ref, x, t, y) -> tuple[float, float]:
   """(our error vs ref, how far ref moves when its MLP LayerNorm eps is off by 10x)."""
-  want = torch_forward(ref, x, t, y)
+  want = dit_forward(ref, x, t, y)
   got = _forward(ours, x, t, y)
   wrong_eps = 1e-5 if ref.transformer_blocks[0].norm3.eps == 1e-6 else 1e-6
   other = copy.deepcopy(ref)
   for block in other.transformer_blocks:
     block.norm3.eps = wrong_eps
-  return rel_err(got, want), rel_err(torch_forward(other, x, t, y), want)
+  return rel_err(got, want), rel_err(dit_forward(other, x, t, y), want)
 
 
 def test_dit_bare_diffusers_file_uses_diffusers_eps(dit):
   """A diffusers state dict without config.json converts with CONVENTIONS['diffusers'] (MLP LayerNorm eps 1e-5)."""
   ref, _, (x, t, y) = dit
   tensors = _numpy(ref)
-  cfg = infer_config(tensors, "diffusers", None, input_size=DIT["sample_size"], num_heads=DIT["heads"])
-  ours = convert_state_dict(tensors, cfg, "diffusers")
+  cfg = dit_tables.infer_config(tensors, "diffusers", None, input_size=DIT["sample_size"], num_heads=DIT["heads"])
+  ours = dit_tables.to_model(tensors, cfg, "diffusers")
   ours.pos_embed.value = jnp.asarray(ref.pos_embed.pos_embed[0].numpy())  # the same TINY table on both sides
   err, moved = _dit_err(ours, ref, x, t, y)
   assert moved > SENSITIVE, f"reference insensitive to the MLP eps: moved {moved:.1e}"
@@ -111,12 +110,12 @@ def test_dit_original_convention_eps(dit, source):
   _, ref, (x, t, y) = dit
   tensors = {k: v.numpy() for k, v in original_state_dict(ref).items()}  # with the stored TINY pos_embed
   if source == "original-file":
-    cfg = infer_config(tensors, "original", None, num_heads=DIT["heads"])
+    cfg = dit_tables.infer_config(tensors, "original", None, num_heads=DIT["heads"])
   else:
     cfg = DiTConfig(input_size=DIT["sample_size"], patch_size=DIT["patch"], in_channels=DIT["in_channels"],
                     hidden_size=DIT["heads"] * DIT["head_dim"], depth=DIT["depth"], num_heads=DIT["heads"],
                     num_classes=DIT["num_classes"])
-  err, moved = _dit_err(convert_state_dict(tensors, cfg, "original"), ref, x, t, y)
+  err, moved = _dit_err(dit_tables.to_model(tensors, cfg, "original"), ref, x, t, y)
   assert moved > SENSITIVE, f"reference insensitive to the MLP eps: moved {moved:.1e}"
   print(f"{source}: rel err {err:.2e}; reference moved {moved:.2e} by a 10x MLP eps")
   assert err <= TOL, f"{source} (mlp_norm_eps {cfg.mlp_norm_eps}): rel err {err:.2e} > {TOL:.0e}"
@@ -143,7 +142,8 @@ def test_mmdit_layer_norm_and_qk_rms_norm_eps():
     ref.pos_embed.pos_embed.copy_(TINY * torch.randn(ref.pos_embed.pos_embed.shape,
                                                      generator=torch.Generator().manual_seed(1)))
   tensors = _numpy(ref)
-  ours = convert_mmdit_state_dict(tensors, infer_mmdit_config(tensors, dict(ref.config)))
+  layout = mmdit_tables.detect_layout(tensors)
+  ours = mmdit_tables.to_model(tensors, mmdit_tables.infer_config(tensors, layout, dict(ref.config)), layout)
   rng = np.random.default_rng(0)
   x = rng.standard_normal((2, 8, 8, 4)).astype(np.float32)
   t = np.array([3.0, 750.5], np.float32)
@@ -179,7 +179,7 @@ def test_vae_group_norm_eps():
                            block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8, latent_channels=4).eval()
   tiny_streams_(ref, ("conv_in", "conv1", "conv2", "to_out"), ("samplers", "conv_shortcut"))
   tensors = _numpy(ref)
-  ours = convert_vae_state_dict(tensors, infer_vae_config(tensors, "diffusers", dict(ref.config)), "diffusers")
+  ours = vae_tables.to_model(tensors, vae_tables.infer_config(tensors, "diffusers", dict(ref.config)), "diffusers")
   rng = np.random.default_rng(0)
   images = rng.uniform(-1, 1, (2, 16, 16, 3)).astype(np.float32)
   z = rng.standard_normal((2, 8, 8, 4)).astype(np.float32)

@@ -10,7 +10,7 @@ import torch
 from scipy import stats
 
 from dit_jax.diffusion import flow
-from tests.conftest import rel_err
+from tests.helpers import rel_err
 
 SHAPE = (3, 4, 4, 4)  # B, H, W, C of the scheduler parity runs
 DIM = 4 * 4 * 4

@@ -12,7 +12,9 @@ from PIL import Image
 from dit_jax import data
 from dit_jax.data.latents import LatentSource, shard_name
 from dit_jax.models.vae import AutoencoderKL, vae_config
-from tests.train_utils import REPO_ROOT, losses, tiny_config
+from tests.helpers import REPO_ROOT
+from tests.helpers.processes import one_line_error
+from tests.helpers.training import losses, tiny_config
 
 SIZE, OVERRIDES = 16, {"block_out_channels": [16, 32], "layers_per_block": 1, "norm_num_groups": 8,
                        "latent_channels": 4, "shift_factor": 0.1}
@@ -83,6 +85,26 @@ def test_resume_after_an_interruption_rewrites_identical_shards(encoded, tmp_pat
   with pytest.raises(SystemExit, match="another run"):
     encode_latents.main(["--vae", "random:sd-vae-ft-ema", "--vae-overrides", json.dumps(OVERRIDES), "--out",
                          str(copy), "--data.source", "folder", "--data.folder", str(images), "--image-size", "8"])
+  assert sorted(p.name for p in copy.iterdir()) == sorted(p.name for p in out.iterdir())  # nothing touched
+  assert (copy / "manifest.json").read_bytes() == (out / "manifest.json").read_bytes()
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["--image-size", "8"], "holds latents of another run (differs in latent_shape, image_size)"),
+    (["--image-size", "9"], "--image-size 9 is not a multiple of the VAE's downsample factor 2"),
+    (["--vae-overrides", "{bad"], "Expecting property name"),
+    (["--dtype", "bf16"], "argument --dtype: invalid choice: 'bf16'"),
+    (["--data.folder", "{tmp}/absent"], "absent"),
+])
+def test_cli_errors_are_one_line_and_keep_the_output(encoded, tmp_path, capsys, args, fragment):
+  images, out, _ = encoded
+  before = {p.name: p.read_bytes() for p in out.iterdir()}
+  argv = {"--vae": "random:sd-vae-ft-ema", "--vae-overrides": json.dumps(OVERRIDES), "--seed": "3", "--out": str(out),
+          "--data.source": "folder", "--data.folder": str(images), "--image-size": str(SIZE), "--shard-size": "10",
+          "--dtype": "float32"}
+  argv.update(zip(args[::2], (a.replace("{tmp}", str(tmp_path)) for a in args[1::2])))
+  one_line_error(encode_latents.cli([x for kv in argv.items() for x in kv]), capsys.readouterr().err, fragment)
+  assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
 def test_missing_manifest_is_a_one_line_error(tmp_path):

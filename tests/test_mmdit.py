@@ -11,31 +11,12 @@ import torch
 from dit_jax.convert import mmdit_tables
 from dit_jax.convert.readers import ConversionError, read_source
 from dit_jax.models.mmdit import MMDiT, MMDiTConfig, crop_pos_embed, pos_embed_table
-from tests.conftest import randomize_, rel_err
+from tests.helpers import rel_err
+from tests.helpers.reference import SD3_TINY as TINY
+from tests.helpers.reference import SD3_VARIANTS as VARIANTS
+from tests.helpers.reference import diffusers_sd3, sd3_forward, stability_state_dict
 
-TINY = dict(sample_size=16, patch_size=2, in_channels=4, num_layers=3, attention_head_dim=16, num_attention_heads=2,
-            joint_attention_dim=24, caption_projection_dim=32, pooled_projection_dim=20, out_channels=4,
-            pos_embed_max_size=24)
-# Tiny configs shaped like the released models (diffusers transformer/config.json).
-VARIANTS = {
-    "sd3-medium": dict(qk_norm=None, dual_attention_layers=()),
-    "sd3.5-medium": dict(qk_norm="rms_norm", dual_attention_layers=(0, 1)),
-    "sd3.5-large": dict(qk_norm="rms_norm", dual_attention_layers=()),
-}
 SHAPES = [(16, 16), (12, 20)]  # square at sample_size, and non-square (crop offsets differ per axis)
-
-
-def diffusers_sd3(seed: int = 0, **kw):
-  """A random-weight SD3Transformer2DModel in eval mode; the stored pos_embed buffer is random too, so a wrong
-  crop offset cannot hide behind the smoothness of the sin-cos table."""
-  from diffusers import SD3Transformer2DModel
-
-  model = SD3Transformer2DModel(**{**TINY, **kw})
-  randomize_(model, seed)
-  with torch.no_grad():
-    model.pos_embed.pos_embed.copy_(torch.randn(model.pos_embed.pos_embed.shape,
-                                                generator=torch.Generator().manual_seed(seed + 1)))
-  return model.eval()
 
 
 def sd3_inputs(height: int, width: int, seed: int = 0):
@@ -45,14 +26,6 @@ def sd3_inputs(height: int, width: int, seed: int = 0):
   context = rng.standard_normal((2, 7, TINY["joint_attention_dim"])).astype(np.float32)
   pooled = rng.standard_normal((2, TINY["pooled_projection_dim"])).astype(np.float32)
   return x, t, context, pooled
-
-
-def torch_forward(model, x, t, context, pooled) -> np.ndarray:
-  with torch.no_grad():
-    out = model(hidden_states=torch.from_numpy(x.transpose(0, 3, 1, 2).copy()),
-                encoder_hidden_states=torch.from_numpy(context), pooled_projections=torch.from_numpy(pooled),
-                timestep=torch.from_numpy(t)).sample
-  return out.numpy().transpose(0, 2, 3, 1)
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +54,7 @@ def test_infer_config(converted, variant):
 def test_forward_parity(converted, variant, shape):
   model, _, ours = converted[variant]
   x, t, context, pooled = sd3_inputs(*shape)
-  ref = torch_forward(model, x, t, context, pooled)
+  ref = sd3_forward(model, x, t, context, pooled)
   out = ours(jnp.asarray(x), jnp.asarray(t), jnp.asarray(context), jnp.asarray(pooled))
   assert out.shape == ref.shape == (2, *shape, TINY["out_channels"])
   assert rel_err(out, ref) <= 1e-5
@@ -162,50 +135,6 @@ def test_fresh_model_runs_and_config_round_trips():
     MMDiTConfig(**{**TINY, "caption_projection_dim": 48})
 
 
-def stability_state_dict(tensors: dict[str, np.ndarray], num_layers: int) -> dict[str, np.ndarray]:
-  """Stability single-file keys (``model.diffusion_model.*``) from diffusers keys, written out from the mapping
-  in diffusers' scripts/convert_sd3_to_diffusers.py independently of dit_jax's tables: fused qkv, and the
-  (scale, shift) halves of AdaLayerNormContinuous swapped back to (shift, scale)."""
-  swap = lambda a: np.concatenate(np.split(a, 2)[::-1])
-  renames = {"pos_embed.proj": "x_embedder.proj", "time_text_embed.timestep_embedder.linear_1": "t_embedder.mlp.0",
-             "time_text_embed.timestep_embedder.linear_2": "t_embedder.mlp.2",
-             "time_text_embed.text_embedder.linear_1": "y_embedder.mlp.0",
-             "time_text_embed.text_embedder.linear_2": "y_embedder.mlp.2", "context_embedder": "context_embedder",
-             "proj_out": "final_layer.linear"}
-  out = {"pos_embed": tensors["pos_embed.pos_embed"]}
-  for kind in ("weight", "bias"):
-    for theirs, ours in renames.items():
-      out[f"{ours}.{kind}"] = tensors[f"{theirs}.{kind}"]
-    out[f"final_layer.adaLN_modulation.1.{kind}"] = swap(tensors[f"norm_out.linear.{kind}"])
-  block_map = {"norm1.linear": "x_block.adaLN_modulation.1", "attn.to_out.0": "x_block.attn.proj",
-               "ff.net.0.proj": "x_block.mlp.fc1", "ff.net.2": "x_block.mlp.fc2",
-               "attn2.to_out.0": "x_block.attn2.proj", "norm1_context.linear": "context_block.adaLN_modulation.1",
-               "attn.to_add_out": "context_block.attn.proj", "ff_context.net.0.proj": "context_block.mlp.fc1",
-               "ff_context.net.2": "context_block.mlp.fc2"}
-  norm_map = {"attn.norm_q": "x_block.attn.ln_q", "attn.norm_k": "x_block.attn.ln_k",
-              "attn2.norm_q": "x_block.attn2.ln_q", "attn2.norm_k": "x_block.attn2.ln_k",
-              "attn.norm_added_q": "context_block.attn.ln_q", "attn.norm_added_k": "context_block.attn.ln_k"}
-  for i in range(num_layers):
-    tb, jb = f"transformer_blocks.{i}", f"joint_blocks.{i}"
-    for kind in ("weight", "bias"):
-      for theirs, ours in block_map.items():
-        if f"{tb}.{theirs}.{kind}" in tensors:
-          value = tensors[f"{tb}.{theirs}.{kind}"]
-          out[f"{jb}.{ours}.{kind}"] = swap(value) if theirs == "norm1_context.linear" and i == num_layers - 1 \
-              else value
-      for theirs, ours in (("attn.to_", "x_block.attn"), ("attn2.to_", "x_block.attn2"),
-                           ("attn.add_", "context_block.attn")):
-        parts = [f"{tb}.{theirs}{c}{'_proj' if 'add' in theirs else ''}.{kind}" for c in "qkv"]
-        if parts[0] in tensors:
-          out[f"{jb}.{ours}.qkv.{kind}"] = np.concatenate([tensors[k] for k in parts])
-    for theirs, ours in norm_map.items():
-      if f"{tb}.{theirs}.weight" in tensors:
-        out[f"{jb}.{ours}.weight"] = tensors[f"{tb}.{theirs}.weight"]
-  fused = 2 * num_layers + len([k for k in tensors if k.endswith(".attn2.to_q.weight")])  # 3 linears -> 1 each
-  assert len(out) == len(tensors) - 4 * fused, "a diffusers key was not mapped"
-  return {f"model.diffusion_model.{k}": v for k, v in out.items()}
-
-
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_stability_layout(converted, variant):
   model, tensors, ours = converted[variant]
@@ -215,7 +144,7 @@ def test_stability_layout(converted, variant):
   assert cfg == ours.config
   model_s = mmdit_tables.to_model(stab, cfg, "stability")
   x, t, context, pooled = sd3_inputs(12, 20)
-  assert rel_err(model_s(x, t, context, pooled), torch_forward(model, x, t, context, pooled)) <= 1e-5
+  assert rel_err(model_s(x, t, context, pooled), sd3_forward(model, x, t, context, pooled)) <= 1e-5
   back = mmdit_tables.from_model(model_s, "stability")
   assert all(np.array_equal(back[k[len("model.diffusion_model."):]], v) for k, v in stab.items()
              if k.startswith("model."))
@@ -227,7 +156,6 @@ def test_stability_head_split_needs_a_hint(converted):
   stab = stability_state_dict(tensors, ours.config.num_layers)
   with pytest.raises(ConversionError, match="cannot split hidden size 32 into heads of width 10"):
     mmdit_tables.infer_config(stab, "stability")  # Stability's rule heads = depth = 3 does not divide 32
-
 
 
 def test_remat_and_scan_change_nothing():

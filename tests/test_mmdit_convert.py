@@ -16,9 +16,10 @@ from safetensors.torch import load_file, save_file
 import dit_jax
 from dit_jax.convert import ConversionError
 from dit_jax.convert.files import convert, export
-from tests.conftest import randomize_, rel_err
-from tests.test_mmdit import diffusers_sd3, stability_state_dict, torch_forward
-from tests.test_vae import _ldm_state_dict
+from tests.helpers import rel_err
+from tests.helpers.processes import one_line_error
+from tests.helpers.reference import (diffusers_sd3, ldm_state_dict, randomize_, sd3_forward,
+                                     stability_state_dict)
 from tools.convert_torch import main as cli
 
 # Stability's own shape rule (hidden = 64 * depth, heads = depth) so the head split is inferred, not hinted;
@@ -54,7 +55,7 @@ def _parity(ours, ref_model, h=12, w=20) -> float:
   """rel err of our forward vs a torch SD3Transformer2DModel on a non-square latent (the pos_embed crop)."""
   x, t, context, pooled = _inputs(h, w)
   return rel_err(ours(jnp.asarray(x), jnp.asarray(t), jnp.asarray(context), jnp.asarray(pooled)),
-                 torch_forward(ref_model, x, t, context, pooled))
+                 sd3_forward(ref_model, x, t, context, pooled))
 
 
 def _diffusers_oracle(single: dict[str, torch.Tensor], config: dict):
@@ -81,7 +82,7 @@ def single_files(tmp_path_factory, vae):
   """variant -> (single-file path, its tensors, diffusers config of the MMDiT)."""
   out = {}
   ldm = {f"first_stage_model.{k}": torch.from_numpy(v) for k, v in
-         _ldm_state_dict({k: v.numpy() for k, v in vae.state_dict().items()}, 2).items()}
+         ldm_state_dict({k: v.numpy() for k, v in vae.state_dict().items()}, 2).items()}
   for i, (name, kw) in enumerate(VARIANTS.items()):
     model = diffusers_sd3(seed=10 + i, **SHAPE, **kw)
     stab = stability_state_dict({k: v.numpy() for k, v in model.state_dict().items()}, SHAPE["num_layers"])
@@ -208,11 +209,12 @@ def test_errors_are_one_line_and_never_clobber(single_files, tmp, capsys):
   out.mkdir()
   (out / "precious.txt").write_text("keep me")
   for name, (args, fragment) in _bad_sources(tmp, single).items():
-    assert cli([args[0], str(out), "--overwrite", *args[1:]]) == 2, name
-    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], (name, lines)
+    code = cli([args[0], str(out), "--overwrite", *args[1:]])
+    one_line_error(code, capsys.readouterr().err, fragment)
     assert sorted(p.name for p in out.iterdir()) == ["precious.txt"], name
   assert (out / "precious.txt").read_text() == "keep me"
+  one_line_error(cli([str(out), str(tmp / "x.safetensors"), "--to", "torch", "--layout", "ckpt"]),
+                 capsys.readouterr().err, "argument --layout: invalid choice: 'ckpt'")
   with pytest.raises(ConversionError, match="stability layout applies to MMDiT checkpoints only"):
     convert(tmp / "vae4", tmp / "x", layout="stability")
   assert not (tmp / "x").exists()

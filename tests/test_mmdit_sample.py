@@ -11,8 +11,10 @@ from dit_jax.convert import mmdit_tables
 from dit_jax.convert.readers import read_source
 from dit_jax.diffusion.guidance import SkipLayerGuidance
 from dit_jax.diffusion.samplers import sample
-from tests.conftest import rel_err
-from tests.test_mmdit import TINY, VARIANTS, diffusers_sd3
+from tests.helpers import rel_err
+from tests.helpers.reference import SD3_TINY as TINY
+from tests.helpers.reference import SD3_VARIANTS as VARIANTS
+from tests.helpers.reference import diffusers_sd3
 
 LATENT = (12, 20)  # non-square latent (h, w), within pos_embed_max_size * patch
 

@@ -9,8 +9,9 @@ import torch
 
 import dit_jax
 from dit_jax.convert.files import convert
-from tests.conftest import (as_original_convention_, diffusers_dit, inputs, original_state_dict, rel_err,
-                            torch_forward)
+from tests.helpers import rel_err
+from tests.helpers.reference import (as_original_convention_, diffusers_dit, dit_forward, dit_inputs,
+                                     original_state_dict)
 
 TOL = 1e-5
 
@@ -35,8 +36,8 @@ def test_diffusers_folder_matches_diffusers(tmp, name):
   ref_model.save_pretrained(tmp / "dit")
   convert(tmp / "dit", tmp / "ckpt")
   cfg = ref_model.config
-  x, t, y = inputs(4, cfg.sample_size, cfg.in_channels, cfg.num_embeds_ada_norm)
-  err = rel_err(_ours(tmp / "ckpt", x, t, y), torch_forward(ref_model, x, t, y))
+  x, t, y = dit_inputs(4, cfg.sample_size, cfg.in_channels, cfg.num_embeds_ada_norm)
+  err = rel_err(_ours(tmp / "ckpt", x, t, y), dit_forward(ref_model, x, t, y))
   assert err <= TOL, f"{name}: relative max-abs error {err:.2e} > {TOL:.0e}"
   print(f"{name}: diffusers parity rel err {err:.2e}")
 
@@ -49,8 +50,8 @@ def test_dit_pipeline_folder_and_bare_files(tmp):
   vae = AutoencoderKL(block_out_channels=(8,), norm_num_groups=8, latent_channels=4, layers_per_block=1)
   DiTPipeline(transformer=ref_model, vae=vae, scheduler=DDIMScheduler()).save_pretrained(tmp / "pipe")
   ref_model.save_pretrained(tmp / "bin", safe_serialization=False)
-  x, t, y = inputs(3, 16, 4, 10)
-  ref = torch_forward(ref_model, x, t, y)
+  x, t, y = dit_inputs(3, 16, 4, 10)
+  ref = dit_forward(ref_model, x, t, y)
   sources = {"pipeline": (tmp / "pipe", {}),
              "bin": (tmp / "bin", {}),
              "bare": (tmp / "pipe" / "transformer" / "diffusion_pytorch_model.safetensors",
@@ -74,8 +75,8 @@ def test_original_state_dict_matches_reference(tmp, name, kw):
   torch.save(original_state_dict(ref_model), tmp / "dit.pt")
   cfg = convert(tmp / "dit.pt", tmp / "ckpt")
   assert (cfg.freq_shift, cfg.mlp_norm_eps, cfg.num_heads) == (0.0, 1e-6, kw["heads"])
-  x, t, y = inputs(4, 8, 4, 1000)
-  err = rel_err(_ours(tmp / "ckpt", x, t, y), torch_forward(ref_model, x, t, y))
+  x, t, y = dit_inputs(4, 8, 4, 1000)
+  err = rel_err(_ours(tmp / "ckpt", x, t, y), dit_forward(ref_model, x, t, y))
   assert err <= TOL, f"{name}: relative max-abs error {err:.2e}"
 
 
@@ -84,8 +85,8 @@ def test_conventions_are_not_interchangeable(tmp):
   ref_model = diffusers_dit()
   ref_model.save_pretrained(tmp / "dit")
   convert(tmp / "dit", tmp / "ckpt")
-  x, t, y = inputs(4, 16, 4, 10)
-  diffusers_out = torch_forward(ref_model, x, t, y)
+  x, t, y = dit_inputs(4, 16, 4, 10)
+  diffusers_out = dit_forward(ref_model, x, t, y)
   as_original_convention_(ref_model)
-  assert rel_err(_ours(tmp / "ckpt", x, t, y), torch_forward(ref_model, x, t, y)) > 100 * TOL
+  assert rel_err(_ours(tmp / "ckpt", x, t, y), dit_forward(ref_model, x, t, y)) > 100 * TOL
   assert rel_err(_ours(tmp / "ckpt", x, t, y), diffusers_out) <= TOL

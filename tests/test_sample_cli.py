@@ -1,10 +1,6 @@
 """sample.py: PNG grid and ADM .npz output, determinism, resume after interruption, one-line errors."""
 from __future__ import annotations
 
-import pathlib
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 from PIL import Image
@@ -12,9 +8,9 @@ from PIL import Image
 import dit_jax
 from dit_jax import sample_files
 from dit_jax.convert.files import convert
-from tests.conftest import diffusers_dit
-
-REPO = pathlib.Path(__file__).resolve().parents[1]
+from tests.helpers import REPO_ROOT as REPO
+from tests.helpers.processes import one_line_error, run_cli
+from tests.helpers.reference import diffusers_dit
 
 
 @pytest.fixture(scope="module")
@@ -26,8 +22,7 @@ def ckpt(tmp_path_factory):
 
 
 def _run(*args):
-  return subprocess.run([sys.executable, str(REPO / "sample.py"), *map(str, args)], capture_output=True, text=True,
-                        cwd=REPO)
+  return run_cli("sample.py", *args)
 
 
 def test_png_grid_is_written_and_reproducible(ckpt, tmp):
@@ -85,17 +80,70 @@ def test_quantisation_matches_sample_ddp():
     (["--class-labels", "1", "--steps", "0"], "steps must be a positive integer"),
     (["--class-labels", "1", "--respacing", "ddim600"], "cannot take exactly 600"),
     (["--class-labels", "1", "--steps", "5000"], "exceeds the 1000 training timesteps"),
+    (["--class-labels", "1", "--cfg-mode", "some"], "argument --cfg-mode: invalid choice: 'some'"),
+    (["--class-labels", "1", "--method", "euler", "--shift", "-1"], "--shift must be a positive number, got -1"),
 ])
 def test_bad_input_gets_one_line_error(ckpt, tmp, extra, fragment):
   result = _run("--checkpoint", ckpt, "--out", tmp / "x.png", *extra)
-  lines = [ln for ln in result.stderr.splitlines() if ln.strip() and not ln.startswith("INFO")]
-  assert result.returncode == 2 and len(lines) == 1 and fragment in lines[0], result.stderr
+  one_line_error(result.returncode, result.stderr, fragment)
   assert not (tmp / "x.png").exists()
 
 
 def test_missing_checkpoint_is_one_line(tmp):
   result = _run("--checkpoint", tmp / "nope", "--class-labels", "1", "--out", tmp / "x.png")
-  assert result.returncode == 2 and result.stderr.strip().startswith("error: ") and "\n" not in result.stderr.strip()
+  one_line_error(result.returncode, result.stderr)
+
+
+@pytest.mark.parametrize("extra,fragment", [
+    (["--out", "{tmp}/a.jpg"], "--out must end in .png or .npz, got a.jpg"),
+    (["--guidance-interval", "0.5"], "--guidance-interval takes two numbers lo,hi in [0, 1], got '0.5'"),
+    (["--guidance-interval", "0.6,0.2"], "needs 0 <= lo < hi <= 1, got '0.6,0.2'"),
+    (["--guidance-interval", "0,1.5"], "needs 0 <= lo < hi <= 1"),
+    (["--guidance-interval", "a,b"], "takes two numbers"),
+    (["--out", "{tmp}/x.npz", "--num-samples", "0"], "--num-samples must be a positive integer, got 0"),
+    (["--out", "{tmp}/x.npz", "--num-samples", "4", "--batch-size", "0"], "--batch-size must be a positive integer"),
+    (["--shift", "-1"], "--shift must be a positive number, got -1"),
+    (["--shift", "0"], "--shift must be a positive number, got 0"),
+    (["--shift", "nan"], "--shift must be a positive number, got nan"),
+    (["--steps", "-2"], "--steps must be a positive integer, got -2"),
+    (["--zoom", "0"], "--zoom must be a positive integer, got 0"),
+    (["--nrow", "0"], "--nrow must be a positive integer, got 0"),
+    (["--eta", "-0.5"], "--eta must be a number >= 0, got -0.5"),
+    (["--cfg-scale", "-1"], "--cfg-scale must be a number >= 0, got -1"),
+    (["--slg-scale", "-2"], "--slg-scale must be a number >= 0"),
+    (["--slg-start", "1.5"], "--slg-start must be a fraction of the steps in [0, 1], got 1.5"),
+    (["--cfg-mode", "some"], "argument --cfg-mode: invalid choice: 'some' (choose from 'all', 'dit')"),
+    (["--steps", "many"], "argument --steps: invalid int value: 'many'"),
+    (["--flow-convention", "edm"], "argument --flow-convention: invalid choice: 'edm'"),
+    (["--bogus"], "unrecognized arguments: --bogus"),
+])
+def test_bad_flags_get_one_line_errors_and_keep_existing_outputs(ckpt, tmp, capsys, extra, fragment):
+  """Argument and value errors (in process; the real process is covered above): one line, status 2, and an
+  output file from an earlier run left as it was."""
+  for name in ("x.png", "x.npz", "a.jpg"):
+    (tmp / name).write_bytes(b"earlier output")
+  extra = [a.format(tmp=tmp) for a in extra]
+  out = [] if "--out" in extra else ["--out", tmp / "x.png"]
+  code, err = _sample_main(["--checkpoint", ckpt, "--class-labels", "1", "--method", "euler", *out, *extra], capsys)
+  one_line_error(code, err, fragment)
+  assert all((tmp / name).read_bytes() == b"earlier output" for name in ("x.png", "x.npz", "a.jpg"))
+  assert not (tmp / "x.npz.shards").exists()
+
+
+def test_missing_required_flags_and_help(tmp, capsys):
+  code, err = _sample_main(["--out", tmp / "x.png"], capsys)
+  one_line_error(code, err, "the following arguments are required: --checkpoint")
+  code, _ = _sample_main(["--help"], capsys)
+  assert code == 0
+
+
+def test_library_rejects_a_non_positive_shift(ckpt):
+  import jax
+
+  model = dit_jax.load(ckpt)
+  for shift in (-1.0, 0.0, float("nan")):
+    with pytest.raises(ValueError, match="shift must be > 0"):
+      dit_jax.sample(model, np.array([1]), jax.random.key(0), method="euler", steps=2, shift=shift)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -189,6 +237,7 @@ def _write_cond(path, **arrays):
     ("no_cond", "an MMDiT checkpoint needs --cond"),
     ("preset", "unknown sampling preset 'sd4'"),
     ("slg_layer", "skip_layer_guidance layers [5] outside the model's blocks 0..1"),
+    ("slg_window", "skip-layer guidance needs --slg-start < --slg-stop, got 0.5 and 0.2"),
 ])
 def test_mmdit_bad_input_gets_one_line_error(mmdit_ckpt, tmp, capsys, case, fragment):
   base, cond = mmdit_ckpt
@@ -202,15 +251,15 @@ def test_mmdit_bad_input_gets_one_line_error(mmdit_ckpt, tmp, capsys, case, frag
   cond_file = _write_cond(tmp / "c.npz", **files[case]) if case in files else base / "cond.npz"
   cond_args = {"no_file": ["--cond", tmp / "none.npz"], "no_cond": [], "labels_only": []}.get(case, ["--cond", cond_file])
   extra = {"latent_size": ["--latent-size", "8,18"], "labels": ["--class-labels", "1"], "labels_only": ["--class-labels", "1"], "preset": ["--preset", "sd4"],
-           "slg_layer": ["--slg-layers", "5", "--slg-scale", "2"]}.get(case, [])
+           "slg_layer": ["--slg-layers", "5", "--slg-scale", "2"],
+           "slg_window": ["--slg-layers", "1", "--slg-scale", "2", "--slg-start", "0.5"]}.get(case, [])
   argv = ["--checkpoint", base / "ckpt", "--out", tmp / "x.png", "--steps", "2", *cond_args, *extra]
   code, err = _sample_main(argv, capsys)
-  lines = [ln for ln in err.splitlines() if ln.strip() and not ln.startswith(("INFO", "WARNING"))]
-  assert code == 2 and len(lines) == 1 and fragment in lines[0], err
+  one_line_error(code, err, fragment)
   assert not (tmp / "x.png").exists()
 
 
 def test_cond_given_to_a_dit_is_one_line(ckpt, mmdit_ckpt, tmp, capsys):
   code, err = _sample_main(["--checkpoint", ckpt, "--cond", mmdit_ckpt[0] / "cond.npz", "--out", tmp / "x.png"],
                            capsys)
-  assert code == 2 and "--cond is for MMDiT checkpoints" in err and len(err.strip().splitlines()) == 1, err
+  one_line_error(code, err, "--cond is for MMDiT checkpoints")

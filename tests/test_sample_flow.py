@@ -9,7 +9,8 @@ import torch
 import dit_jax
 from dit_jax.convert.files import convert
 from dit_jax.diffusion.samplers import flow_schedule, sample
-from tests.conftest import diffusers_dit, rel_err
+from tests.helpers import rel_err
+from tests.helpers.reference import diffusers_dit
 
 
 @pytest.fixture(scope="module")

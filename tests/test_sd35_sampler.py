@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from dit_jax.diffusion import flow
-from tests.conftest import rel_err
+from tests.helpers import rel_err
 
 SHAPE = (2, 4, 4, 3)
 STEPS = 10

@@ -14,7 +14,9 @@ from dit_jax import checkpoint
 from dit_jax.train import Trainer, TrainingError, train
 from dit_jax.train_config import validate
 from dit_jax import parallel
-from tests.train_utils import REPO_ROOT, ToyLoader, losses, tiny_config
+from tests.helpers import REPO_ROOT
+from tests.helpers.processes import one_line_error
+from tests.helpers.training import ToyLoader, losses, tiny_config
 
 
 @pytest.mark.parametrize("objective", ["flow", "vp"])
@@ -82,8 +84,7 @@ def test_unknown_or_bad_config_values_are_rejected():
 def test_train_cli_one_line_errors(tmp, override, fragment):
   result = subprocess.run([sys.executable, str(REPO_ROOT / "train.py"), "--config", str(REPO_ROOT / "configs/demo.py"),
                            "--workdir", str(tmp / "w"), override], capture_output=True, text=True, cwd=REPO_ROOT)
-  lines = [ln for ln in result.stderr.splitlines() if ln.startswith("error")]
-  assert result.returncode == 2 and len(lines) == 1 and fragment in lines[0], result.stderr[-2000:]
+  one_line_error(result.returncode, result.stderr, fragment)
 
 
 def test_grad_accumulation_and_bf16_run(tmp):

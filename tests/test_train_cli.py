@@ -11,7 +11,9 @@ import time
 
 import pytest
 
-from tests.train_utils import REPO_ROOT, losses
+from tests.helpers import REPO_ROOT
+from tests.helpers.processes import one_line_error
+from tests.helpers.training import losses
 
 TINY = ["--config.model.hidden_size=32", "--config.model.depth=2", "--config.model.num_heads=2",
         "--config.global_batch_size=16", "--config.log_every_steps=1", "--config.checkpoint_every_steps=3",
@@ -27,13 +29,20 @@ def _env():
   return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
 
 
-def _wait_for_step(workdir, step, proc, timeout=240):
+def _checkpoints(workdir) -> list[int]:
+  """Steps of the finished checkpoints (orbax writes a temporary directory, then renames it to the step)."""
+  root = workdir / "checkpoints"
+  return sorted(int(p.name) for p in root.iterdir() if p.name.isdigit()) if root.is_dir() else []
+
+
+def _wait_for_step(workdir, step, proc, timeout=240, checkpoint=False):
+  """Until metrics.jsonl has logged ``step`` (and, with ``checkpoint``, a checkpoint is finished)."""
   deadline = time.time() + timeout
   path = workdir / "metrics.jsonl"
   while time.time() < deadline:
     if proc.poll() is not None:
       raise AssertionError(f"trainer exited early: {proc.stderr.read()[-3000:]}")
-    if path.exists():
+    if path.exists() and (not checkpoint or _checkpoints(workdir)):
       rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
       if rows and rows[-1]["step"] >= step:
         return
@@ -42,18 +51,30 @@ def _wait_for_step(workdir, step, proc, timeout=240):
 
 
 def test_sigkill_then_resume_gives_identical_losses(tmp):
-  steps = "--config.total_steps=12"
-  subprocess.run(_cmd(tmp / "full", steps), check=True, capture_output=True, env=_env(), cwd=REPO_ROOT)
-  proc = subprocess.Popen(_cmd(tmp / "killed", steps), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                          env=_env(), cwd=REPO_ROOT)
-  _wait_for_step(tmp / "killed", 7, proc)
-  proc.send_signal(signal.SIGKILL)
-  proc.wait()
-  assert proc.returncode == -signal.SIGKILL
-  result = subprocess.run(_cmd(tmp / "killed", steps), capture_output=True, text=True, env=_env(), cwd=REPO_ROOT)
+  """The run to kill is given far more steps than it can ever finish, so the SIGKILL always lands mid-training,
+  after a finished checkpoint. A constant (warmup) learning rate makes every step's loss independent of
+  total_steps, so the resumed run and the uninterrupted reference both stop a few steps past the kill."""
+  constant = "--config.optimizer.schedule=constant"
+  proc = subprocess.Popen(_cmd(tmp / "killed", constant, "--config.total_steps=1000000"), stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, text=True, env=_env(), cwd=REPO_ROOT)
+  try:
+    _wait_for_step(tmp / "killed", 7, proc, checkpoint=True)
+    proc.send_signal(signal.SIGKILL)
+  finally:
+    proc.kill()
+    proc.wait()
+  assert proc.returncode == -signal.SIGKILL, proc.returncode
+  killed_at, saved = max(losses(tmp / "killed")), _checkpoints(tmp / "killed")
+  assert 7 <= killed_at < 1000000 and saved and saved[-1] <= killed_at, (killed_at, saved)  # interrupted, mid-run
+  print(f"killed after step {killed_at}, resuming from the step-{saved[-1]} checkpoint")
+  steps = f"--config.total_steps={killed_at + 3}"
+  result = subprocess.run(_cmd(tmp / "killed", constant, steps), capture_output=True, text=True, env=_env(),
+                          cwd=REPO_ROOT)
   assert result.returncode == 0, result.stderr[-3000:]
+  assert f"resumed from step {saved[-1]} " in result.stderr, result.stderr[-3000:]
+  subprocess.run(_cmd(tmp / "full", constant, steps), check=True, capture_output=True, env=_env(), cwd=REPO_ROOT)
   full, resumed = losses(tmp / "full"), losses(tmp / "killed")
-  assert sorted(full) == sorted(resumed) == list(range(1, 13))
+  assert sorted(full) == sorted(resumed) == list(range(1, killed_at + 4))
   assert full == resumed, "losses after SIGKILL + resume differ from the uninterrupted run"
 
 
@@ -71,3 +92,31 @@ def test_sigterm_saves_and_exits_zero(tmp):
   saved = sorted(int(p.name) for p in (tmp / "checkpoints").iterdir() if p.name.isdigit())
   last_logged = max(losses(tmp))
   assert saved and saved[-1] == last_logged >= 4
+  # a run that fails on a user error leaves the existing workdir as it was
+  before = {p: p.read_bytes() for p in sorted(tmp.rglob("*")) if p.is_file()}
+  result = subprocess.run(_cmd(tmp, "--config.objective=score"), capture_output=True, text=True, env=_env(),
+                          cwd=REPO_ROOT)
+  one_line_error(result.returncode, result.stderr, "objective 'score'")
+  assert {p: p.read_bytes() for p in sorted(tmp.rglob("*")) if p.is_file()} == before
+
+
+@pytest.mark.parametrize("args,fragment", [
+    ([], "--config and --workdir are required"),
+    (["--workdir", "{tmp}/w"], "--config and --workdir are required"),
+    (["--config", "configs/demo.py"], "--config and --workdir are required"),
+    (["--config", "{tmp}/missing.py", "--workdir", "{tmp}/w"], "missing.py"),
+    (["--config", "{tmp}/broken.py", "--workdir", "{tmp}/w"], "broken.py"),
+    (["--config", "configs/demo.py", "--workdir", "{tmp}/w", "--config.model.widht=3"], "widht"),
+    (["--config", "configs/demo.py", "--workdir", "{tmp}/w", "--config.total_steps=many"], "total_steps"),
+    (["--config", "configs/demo.py", "--workdir", "{tmp}/file"], "file"),
+    (["--config", "configs/demo.py", "--workdir", "{tmp}/w", "--config.data.source=folder",
+      "--config.data.folder={tmp}/absent"], "absent"),
+    (["--nonsense"], "nonsense"),
+])
+def test_user_errors_are_one_line(tmp, args, fragment):
+  (tmp / "broken.py").write_text("def get_config(:\n")
+  (tmp / "file").write_text("not a directory")
+  result = subprocess.run([sys.executable, str(REPO_ROOT / "train.py"), *(a.format(tmp=tmp) for a in args)],
+                          capture_output=True, text=True, env=_env(), cwd=REPO_ROOT)
+  one_line_error(result.returncode, result.stderr, fragment)
+  assert (tmp / "file").read_text() == "not a directory"

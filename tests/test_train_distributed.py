@@ -6,34 +6,19 @@
 """
 from __future__ import annotations
 
-import os
+import contextlib
 import socket
 import subprocess
 import sys
+import tempfile
 import textwrap
+import time
 
 import numpy as np
 
-from tests.train_utils import REPO_ROOT, losses
-
-PRELUDE = textwrap.dedent("""
-    import sys, json, numpy as np, jax
-    jax.config.update("jax_default_matmul_precision", "highest")
-    sys.path.insert(0, {root!r})
-    from dit_jax import parallel
-    from dit_jax.train import Trainer, train
-    from tests.train_utils import ToyLoader, tiny_config
-""")
-
-
-def _run(script: str, devices: int, *args, env_extra=None, timeout=300) -> subprocess.CompletedProcess:
-  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
-             PYTHONPATH=str(REPO_ROOT), **(env_extra or {}))
-  code = PRELUDE.format(root=str(REPO_ROOT)) + textwrap.dedent(script)
-  result = subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True, env=env,
-                          cwd=REPO_ROOT, timeout=timeout)
-  assert result.returncode == 0, result.stderr[-4000:]
-  return result
+from tests.helpers import REPO_ROOT
+from tests.helpers.processes import PRELUDE, device_env, run_on_devices
+from tests.helpers.training import losses
 
 
 MESH_SCRIPT = """
@@ -63,7 +48,7 @@ MESH_SCRIPT = """
 
 
 def test_meshes_match_single_device():
-  out = _run(MESH_SCRIPT, 8).stdout
+  out = run_on_devices(MESH_SCRIPT, 8).stdout
   assert out.count("rel_err") == 3
 
 
@@ -77,14 +62,14 @@ TRAIN_SCRIPT = """
 
 
 def test_checkpoint_saved_on_8_devices_restores_on_4_and_1(tmp):
-  _run(TRAIN_SCRIPT, 8, tmp / "w8", 4, "2,2,2")
+  run_on_devices(TRAIN_SCRIPT, 8, tmp / "w8", 4, "2,2,2")
   for devices, shape in ((4, "4,1,1"), (1, "1,1,1")):
     work = tmp / f"w{devices}"
     subprocess.run(["cp", "-r", str(tmp / "w8"), str(work)], check=True)
-    out = _run(TRAIN_SCRIPT, devices, work, 6, shape).stdout
+    out = run_on_devices(TRAIN_SCRIPT, devices, work, 6, shape).stdout
     assert f"devices {devices} step 6" in out
   reference = tmp / "ref"
-  _run(TRAIN_SCRIPT, 1, reference, 6, "1,1,1")
+  run_on_devices(TRAIN_SCRIPT, 1, reference, 6, "1,1,1")
   want = losses(reference)
   for devices in (4, 1):
     got = losses(tmp / f"w{devices}")
@@ -104,24 +89,46 @@ TWO_PROCESS_SCRIPT = """
 """
 
 
-def _free_port() -> int:
+@contextlib.contextmanager
+def _reserved_port():
+  """A free TCP port, held for the whole run. jax.distributed cannot tell us a port it picked itself (binding port 0
+  is not reported back), and bind-close-reuse races with every other process. So the port stays bound (never
+  listening) by a socket with SO_REUSEPORT: no other process can bind it, nor can the kernel hand it out as an
+  ephemeral port, while the coordinator's gRPC server, which sets SO_REUSEPORT too (same user), binds it alongside
+  and alone accepts connections. Were it to lose the bind anyway, process 0 dies at once and the test fails fast."""
   with socket.socket() as s:
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
+    yield s.getsockname()[1]
 
 
-def _two_processes(workdir, steps):
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu",
-             PYTHONPATH=str(REPO_ROOT))
+def _two_processes(workdir, steps, timeout=300):
   code = PRELUDE.format(root=str(REPO_ROOT)) + textwrap.dedent(TWO_PROCESS_SCRIPT)
-  port = _free_port()
-  procs = [subprocess.Popen([sys.executable, "-c", code, str(port), str(i), str(workdir), str(steps)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO_ROOT)
-           for i in range(2)]
-  outs = [p.communicate(timeout=300) for p in procs]
-  for p, (_, err) in zip(procs, outs):
-    assert p.returncode == 0, err[-4000:]
-  return [o for o, _ in outs]
+  logs = [(tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")) for _ in range(2)]  # pipes could fill up
+  with _reserved_port() as port:
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(port), str(i), str(workdir), str(steps)],
+                              stdout=out, stderr=err, text=True, env=device_env(2), cwd=REPO_ROOT)
+             for i, (out, err) in enumerate(logs)]
+    try:  # one process failing (e.g. the coordinator) must not leave the other waiting for it until the timeout
+      deadline = time.monotonic() + timeout
+      while any(p.poll() is None for p in procs) and all(p.poll() in (None, 0) for p in procs):
+        assert time.monotonic() < deadline, "two-process training timed out"
+        time.sleep(0.2)
+    finally:
+      for p in procs:
+        if p.poll() is None:
+          p.kill()
+        p.wait()
+  texts = []
+  for files in logs:
+    for f in files:
+      f.seek(0)
+    texts.append(tuple(f.read() for f in files))
+    for f in files:
+      f.close()
+  for i, (p, (_, err)) in enumerate(zip(procs, texts)):
+    assert p.returncode == 0, f"process {i} exited with {p.returncode}: {err[-4000:]}"
+  return [out for out, _ in texts]
 
 
 def test_two_processes_train_checkpoint_and_resume(tmp):
@@ -130,6 +137,6 @@ def test_two_processes_train_checkpoint_and_resume(tmp):
   outs = _two_processes(tmp / "w", 6)  # resumes from the step-3 checkpoint
   assert "process 0 step 6" in outs[0] and "process 1 step 6" in outs[1]
   reference = tmp / "single"
-  _run(TRAIN_SCRIPT, 4, reference, 6, "2,2,1")
+  run_on_devices(TRAIN_SCRIPT, 4, reference, 6, "2,2,1")
   got, want = losses(tmp / "w"), losses(reference)
   np.testing.assert_allclose([got[s] for s in range(1, 7)], [want[s] for s in range(1, 7)], rtol=1e-5)

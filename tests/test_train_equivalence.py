@@ -10,9 +10,9 @@ import pytest
 from flax import nnx
 
 from dit_jax import parallel
-from dit_jax.train import Trainer, build_model, loss_fn
-from tests.conftest import rel_err
-from tests.train_utils import ToyLoader, ToyTextLoader, tiny_config, tiny_mmdit_config
+from dit_jax.trainer import Trainer, build_model, loss_fn
+from tests.helpers import rel_err
+from tests.helpers.training import ToyLoader, ToyTextLoader, tiny_config, tiny_mmdit_config
 
 KEY = jax.random.key(0)
 
@@ -30,7 +30,7 @@ def _randomized(params: nnx.State, seed: int = 0) -> nnx.State:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The only uses of dit_jax.train (Trainer, build_model, loss_fn) in this file.
+# The only uses of dit_jax.trainer (Trainer, build_model, loss_fn) in this file.
 
 
 def _abstract(config) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:

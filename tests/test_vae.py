@@ -11,7 +11,8 @@ from flax import nnx
 from dit_jax.convert import vae_tables
 from dit_jax.convert.readers import ConversionError, read_source
 from dit_jax.models.vae import PRESETS, AutoencoderKL, DiagonalGaussian, VAEConfig
-from tests.conftest import randomize_, rel_err
+from tests.helpers import rel_err
+from tests.helpers.reference import ldm_state_dict, randomize_
 
 SMALL = dict(block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8)
 VARIANTS = {
@@ -95,7 +96,7 @@ def test_ldm_layout_matches_diffusers_mapping(pair):
   from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 
   ref, vae, tensors = pair
-  ldm = _ldm_state_dict(tensors, len(SMALL["block_out_channels"]))
+  ldm = ldm_state_dict(tensors, len(SMALL["block_out_channels"]))
   back = convert_ldm_vae_checkpoint({k: torch.from_numpy(v) for k, v in ldm.items()}, ref.config)
   assert sorted(back) == sorted(tensors)
   assert all(np.array_equal(back[k].numpy(), tensors[k]) for k in tensors)
@@ -108,29 +109,6 @@ def test_ldm_layout_matches_diffusers_mapping(pair):
   ours = vae_tables.from_model(vae_tables.to_model(sub, cfg, "ldm"), "diffusers")
   assert sorted(ours) == sorted(tensors) and all(np.array_equal(ours[k], tensors[k]) for k in tensors)
   assert all(np.array_equal(a, sub[k]) for k, a in vae_tables.from_model(vae, "ldm").items())
-
-
-def _ldm_state_dict(tensors: dict, n: int) -> dict:
-  """diffusers AutoencoderKL keys -> CompVis LDM keys (decoder levels reversed, attention as 1x1 convs)."""
-  out = {}
-  for key, value in tensors.items():
-    new = key
-    for diff, ldm in (("mid_block.resnets.0", "mid.block_1"), ("mid_block.resnets.1", "mid.block_2"),
-                      ("mid_block.attentions.0.group_norm", "mid.attn_1.norm"),
-                      ("mid_block.attentions.0.to_out.0", "mid.attn_1.proj_out"),
-                      ("conv_norm_out", "norm_out"), ("conv_shortcut", "nin_shortcut"),
-                      ("downsamplers.0", "downsample"), ("upsamplers.0", "upsample"), (".resnets.", ".block.")):
-      new = new.replace(diff, ldm)
-    for x in "qkv":
-      new = new.replace(f"mid_block.attentions.0.to_{x}", f"mid.attn_1.{x}")
-    new = new.replace("down_blocks.", "down.")
-    if new.startswith("decoder.up_blocks."):
-      i = int(new.split(".")[2])
-      new = f"decoder.up.{n - 1 - i}." + ".".join(new.split(".")[3:])
-    if ".attn_1." in new and new.endswith("weight") and value.ndim == 2:
-      value = value[:, :, None, None]
-    out[new] = value
-  return out
 
 
 def test_strict_conversion(pair):

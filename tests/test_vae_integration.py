@@ -19,7 +19,8 @@ from dit_jax import sample_files
 from dit_jax.convert import ConversionError
 from dit_jax.convert.files import convert, export
 from dit_jax.diffusion.samplers import sample
-from tests.conftest import diffusers_dit, randomize_, rel_err
+from tests.helpers import rel_err
+from tests.helpers.reference import diffusers_dit, randomize_
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 

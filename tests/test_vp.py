@@ -17,7 +17,8 @@ import dit_jax
 from dit_jax.convert.files import convert
 from dit_jax.diffusion import vp
 from dit_jax.diffusion.samplers import sample
-from tests.conftest import diffusers_dit, rel_err
+from tests.helpers import rel_err
+from tests.helpers.reference import diffusers_dit
 
 SAMPLER_TOL = 1e-4
 

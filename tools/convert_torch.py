@@ -25,12 +25,13 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from dit_jax import kinds  # noqa: E402
 from dit_jax.checkpoint import BUNDLED_VAE, CheckpointError, read_meta  # noqa: E402
+from dit_jax.cli import ArgumentParser, fail  # noqa: E402
 from dit_jax.convert import ConversionError  # noqa: E402
 from dit_jax.convert.files import convert, export  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("src", help="torch .pt/.bin/.safetensors, diffusers folder, or (with --to torch) a dit_jax dir")
   p.add_argument("out", help="output checkpoint directory, or (with --to torch) a .safetensors file")
   p.add_argument("--to", choices=["jax", "torch"], default="jax", help="direction (default: jax)")
@@ -71,7 +72,10 @@ def summary(cfg, out: pathlib.Path) -> str:
 
 
 def main(argv=None) -> int:
-  args = parse_args(argv)
+  try:
+    args = parse_args(argv)
+  except SystemExit as e:  # --help, or a usage error already reported in one line
+    return int(e.code or 0)
   logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
   logging.getLogger("absl").setLevel(logging.WARNING)
   try:
@@ -87,8 +91,7 @@ def main(argv=None) -> int:
                     bundle_vae=not args.no_vae, vae_preset=args.vae_preset, overwrite=args.overwrite)
       print(f"wrote {args.out}: {summary(cfg, pathlib.Path(args.out))}")
   except (ConversionError, CheckpointError, FileNotFoundError, PermissionError, IsADirectoryError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+    return fail(e)
   return 0
 
 

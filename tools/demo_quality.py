@@ -19,6 +19,8 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 
+from dit_jax.cli import ArgumentParser, fail  # noqa: E402
+
 
 def digits_classifier(seed: int = 0):
   """(classifier, held-out accuracy) on the real digits, features = pixels in [0, 16]."""
@@ -73,7 +75,7 @@ def evaluate(checkpoint: str, per_class: int = 50, seed: int = 0, **sample_kwarg
 
 
 def main(argv=None) -> int:
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("checkpoint")
   p.add_argument("--per-class", type=int, default=50)
   p.add_argument("--method", default="euler")
@@ -81,13 +83,15 @@ def main(argv=None) -> int:
   p.add_argument("--cfg-scale", type=float, default=2.0)
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--target", type=float, default=0.95, help="exit 1 when the accuracy is below this")
-  args = p.parse_args(argv)
+  try:
+    args = p.parse_args(argv)
+  except SystemExit as e:  # --help, or a usage error already reported in one line
+    return int(e.code or 0)
   try:
     result = evaluate(args.checkpoint, args.per_class, args.seed, method=args.method, steps=args.steps,
                       cfg_scale=args.cfg_scale)
   except (ValueError, FileNotFoundError) as e:  # CheckpointError is a ValueError
-    print(f"error: {str(e).strip().splitlines()[0]}", file=sys.stderr)
-    return 2
+    return fail(e)
   print(json.dumps(result, indent=1))
   print(f"generated digits classified as the requested class: {result['accuracy']:.1%} "
         f"(classifier on real held-out digits: {result['classifier_accuracy_on_real']:.1%})")

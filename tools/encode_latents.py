@@ -35,6 +35,7 @@ from flax import nnx
 from PIL import Image
 
 from dit_jax import data
+from dit_jax.cli import ArgumentParser, fail
 from dit_jax.data.latents import FORMAT, MANIFEST, shard_name
 from dit_jax.data.sources import CorruptImage
 from dit_jax.data.transforms import center_crop_arr, to_channels
@@ -197,7 +198,7 @@ def encode_dataset(source, vae: AutoencoderKL, out: str | os.PathLike, *, image_
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p = ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--vae", required=True, help="VAE checkpoint directory, or random:PRESET (tests / benchmarks)")
   p.add_argument("--vae-overrides", default="", help="JSON VAEConfig overrides for random:PRESET")
   p.add_argument("--seed", type=int, default=0, help="weight seed for random:PRESET")
@@ -214,7 +215,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> dict:
-  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s: %(message)s")
   args = parse_args(argv)
   data_config = data.default_data_config()
   for key in data_config:
@@ -229,5 +230,18 @@ def main(argv=None) -> dict:
                         num_workers=args.workers)
 
 
+def cli(argv=None) -> int:
+  """The command line: main(), with user errors reported as one line ``error: ...`` and exit status 2."""
+  from dit_jax.checkpoint import CheckpointError
+
+  try:
+    main(argv)
+  except SystemExit as e:  # argparse (already reported in one line) or a message of main's
+    return fail(e.code) if isinstance(e.code, str) else int(e.code or 0)
+  except (ValueError, FileNotFoundError, NotADirectoryError, CheckpointError) as e:  # incl. bad --vae-overrides JSON
+    return fail(e)
+  return 0
+
+
 if __name__ == "__main__":
-  main()
+  sys.exit(cli())

@@ -1,4 +1,4 @@
-"""Helpers for the training tests: a tiny config and a deterministic, resumable in-memory loader."""
+"""Training helpers: tiny DiT / MMDiT configs, deterministic resumable in-memory loaders, per-step losses."""
 from __future__ import annotations
 
 import json
@@ -7,8 +7,6 @@ import pathlib
 import numpy as np
 
 from dit_jax.train_config import default_config
-
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def tiny_config(objective: str = "flow", steps: int = 6, batch: int = 8):

@@ -1,0 +1,20 @@
+"""Shared test helpers (test files import from here, never from each other or from conftest).
+
+  tests.helpers            REPO_ROOT, rel_err
+  tests.helpers.reference  random-weight upstream models (diffusers DiT / SD3 MMDiT) and checkpoint key layouts
+  tests.helpers.training   tiny train configs, deterministic resumable toy loaders, metrics.jsonl losses
+  tests.helpers.processes  subprocess runners (CLIs, scripts on N simulated devices), the strict CLI-error check
+"""
+from __future__ import annotations
+
+import pathlib
+
+import numpy as np
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
+
+
+def rel_err(ours, ref) -> float:
+  """Relative max-abs error max|ours - ref| / max|ref|."""
+  ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
+  return float(np.abs(ours - ref).max() / np.abs(ref).max())
