@@ -17,7 +17,8 @@ from dit_jax.kinds.dit import check_labels
 from dit_jax.models.config import JsonConfig
 from dit_jax.train import train
 from dit_jax.train_config import default_config, validate
-from tests.helpers.training import REPO_ROOT, losses
+from tests.helpers import REPO_ROOT
+from tests.helpers.training import losses
 
 
 @dataclasses.dataclass(frozen=True)

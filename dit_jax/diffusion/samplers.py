@@ -209,8 +209,8 @@ def sample(model: nnx.Module, cond, key: jax.Array | None = None, *, method: str
                                         skip_layer_guidance=skip_layer_guidance, latent_size=latent_size)
   method, latent_shape = spec.method, spec.latent_shape
   _validate(method, steps, cfg_scale, step_noise, latent_shape, respacing)
-  if not shift > 0:  # also NaN; a shift <= 0 turns the flow schedule into garbage (all-zero images)
-    raise ValueError(f"shift must be > 0, got {shift}")
+  if not spec.shift > 0:  # also NaN; a shift <= 0 turns the flow schedule into garbage (all-zero images)
+    raise ValueError(f"shift must be > 0, got {spec.shift}")
   steps = steps or DEFAULT_STEPS[method]
   if method in VP_METHODS:
     num = create_diffusion(respacing or str(steps)).num_timesteps
