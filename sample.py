@@ -291,7 +291,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
   except SystemExit as e:  # --help, or a usage error already reported in one line
     return int(e.code or 0)
-  logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s", force=True)
+  logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
   logging.getLogger("absl").setLevel(logging.WARNING)
   from dit_jax.checkpoint import CheckpointError
 

@@ -50,7 +50,7 @@ def main(argv) -> int:
   except (flags.Error, KeyError, AttributeError, TypeError, ValueError, SyntaxError) as e:
     print(f"error: {_one_line(e)}", file=sys.stderr)
     return 2
-  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s: %(message)s", force=True)
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s: %(message)s")
   logging.getLogger("absl").setLevel(logging.WARNING)
   import jax
 

@@ -18,7 +18,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 from flax import nnx
 
 from dit_jax import kinds
@@ -55,8 +54,16 @@ def atomic_directory(out_dir: str | os.PathLike, overwrite: bool = False) -> Ite
       shutil.rmtree(tmp)
 
 
+def _orbax():
+  """orbax.checkpoint, imported on first use: importing it logs through absl, which installs a root log handler
+  before the CLIs configure logging (their INFO lines would be lost) and costs every ``import dit_jax``."""
+  import orbax.checkpoint
+
+  return orbax.checkpoint
+
+
 def _checkpointer():
-  return ocp.StandardCheckpointer()
+  return _orbax().StandardCheckpointer()
 
 
 def _write(model: nnx.Module, directory: pathlib.Path, extra: dict[str, Any] | None) -> None:
@@ -146,6 +153,7 @@ class Checkpoints:
   ITEMS = ("train", "ema", "rest", "extra")
 
   def __init__(self, workdir: pathlib.Path, config: ml_collections.ConfigDict | None = None):
+    ocp = _orbax()
     self.args = ocp.args
     if config is None:
       options = ocp.CheckpointManagerOptions(read_only=True, create=False)

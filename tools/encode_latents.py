@@ -215,7 +215,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> dict:
-  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s: %(message)s", force=True)
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s: %(message)s")
   args = parse_args(argv)
   data_config = data.default_data_config()
   for key in data_config:
