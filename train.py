@@ -17,6 +17,8 @@ import ml_collections  # noqa: E402
 from absl import flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from dit_jax.cli import fail  # noqa: E402
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "training config file (configs/*.py)", lock_config=True)
 flags.DEFINE_string("workdir", None, "directory for checkpoints, metrics and samples")
 
@@ -48,8 +50,7 @@ def main(argv) -> int:
       raise ValueError("--config and --workdir are required")
     config = _config()
   except (flags.Error, KeyError, AttributeError, TypeError, ValueError, SyntaxError) as e:
-    print(f"error: {_one_line(e)}", file=sys.stderr)
-    return 2
+    return fail(_one_line(e))
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s: %(message)s")
   logging.getLogger("absl").setLevel(logging.WARNING)
   import jax
@@ -67,8 +68,7 @@ def main(argv) -> int:
     validate(config)
     train(config, flags.FLAGS.workdir)
   except (ValueError, TrainingError, FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError) as e:
-    print(f"error: {str(e).strip().splitlines()[0]}", file=sys.stderr)
-    return 2
+    return fail(e)
   return 0
 
 
