@@ -107,7 +107,8 @@ class Trainer:
     return state, rest
 
   def init(self) -> tuple[TrainState, nnx.State]:
-    return self._init(jax.random.key(self.config.seed))
+    with jax.set_mesh(self.mesh):
+      return self._init(jax.random.key(self.config.seed))
 
   def abstract_state(self) -> tuple[TrainState, nnx.State]:
     """Shapes, dtypes and target shardings of (state, rest), for restoring onto this mesh."""
@@ -160,7 +161,15 @@ class Trainer:
       raise ValueError(f"the batch has no {', '.join(map(repr, missing))} (a {self.config.model.kind} trains on "
                        f"{', '.join(self.batch_ndims)})")
     local = {k: batch[k] for k in self.batch_ndims}
-    return self._step(state, rest, parallel.global_batch(local, self.mesh))
+    with jax.set_mesh(self.mesh):  # traced for the mesh's devices (attention picks its kernel from them)
+      return self._step(state, rest, parallel.global_batch(local, self.mesh))
+
+  def lower_step(self, batch: dict[str, jax.ShapeDtypeStruct]) -> jax.stages.Lowered:
+    """The step lowered for global ``batch`` shapes, ahead of time (no device memory; ``.compile()`` for a
+    topology's devices works without them, as ``tools/plan.py`` does)."""
+    state, rest = self.abstract_state()
+    with jax.set_mesh(self.mesh):
+      return self._step.lower(state, rest, {k: batch[k] for k in self.batch_ndims})
 
   def ema_model(self, state: TrainState, rest: nnx.State) -> nnx.Module:
     return nnx.merge(self.graphdef, state.ema, rest)

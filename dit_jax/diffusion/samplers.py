@@ -170,14 +170,19 @@ def _compiled(graphdef, o: _Options):
   return jax.jit(run)
 
 
+def _abstract_on(tree, sharding):
+  """Shapes and dtypes of ``tree`` placed (abstractly) with ``sharding``."""
+  return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), tree)
+
+
 def sample(model: nnx.Module, cond, key: jax.Array | None = None, *, method: str | None = None,
            steps: int | None = None, cfg_scale: float = 1.0, cfg_mode: str = "all",
            guidance_interval: tuple[float, float] | None = None, negative: Mapping | None = None,
            skip_layer_guidance: Mapping | guidance.SkipLayerGuidance | None = None,
            latent_size: tuple[int, int] | None = None, noise: jax.Array | None = None,
            step_noise: jax.Array | None = None, respacing: str | None = None, eta: float = 0.0,
-           shift: float | None = None, flow_convention: str | None = None, mesh: jax.sharding.Mesh | None = None
-           ) -> jax.Array:
+           shift: float | None = None, flow_convention: str | None = None, mesh: jax.sharding.Mesh | None = None,
+           lower: bool = False) -> jax.Array:
   """Sample latents from a DiT (class labels) or an MMDiT (text embeddings); the whole loop runs in one jax.jit.
 
   Args:
@@ -201,9 +206,13 @@ def sample(model: nnx.Module, cond, key: jax.Array | None = None, *, method: str
     shift: flow sigma shift (default 1 for a DiT, 3 for an MMDiT); flow_convention: 'sit' (t in [0,1], t=1 data;
       the DiT default) or 'sd3' (t = 1000 sigma, velocity = noise - data; always for an MMDiT).
     mesh: shard the batch over every axis of this mesh (parameters replicated).
+    lower: return the loop lowered for ``mesh`` (a ``jax.stages.Lowered``; the model may be abstract, the mesh's
+      devices compile-only, as ``tools/plan.py --sample`` uses it) instead of running it.
   Returns:
     (B, H, W, C) final latents, float32.
   """
+  if lower and mesh is None:
+    raise ValueError("lower=True needs a mesh")
   spec = kinds.of(model).prepare_sample(model.config, cond, method=method, shift=shift,
                                         flow_convention=flow_convention, negative=negative,
                                         skip_layer_guidance=skip_layer_guidance, latent_size=latent_size)
@@ -237,7 +246,13 @@ def sample(model: nnx.Module, cond, key: jax.Array | None = None, *, method: str
     batch = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(mesh.axis_names))
     steps_batch = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, mesh.axis_names))
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    state = jax.device_put(state, replicated)
-    cond, uncond, x = jax.device_put((cond, uncond, x), batch)
-    step_noise = jax.device_put(step_noise, steps_batch) if step_noise is not None else None
+    place = _abstract_on if lower else jax.device_put
+    state = place(state, replicated)
+    cond, uncond, x = place((cond, uncond, x), batch)
+    step_noise = place(step_noise, steps_batch) if step_noise is not None else None
+    if lower:
+      with jax.set_mesh(mesh):
+        return fn.lower(state, cond, uncond, x, step_noise, _abstract_on(loop_key, replicated))
+    with jax.set_mesh(mesh):  # traced for the mesh's devices (attention picks its kernel from them)
+      return fn(state, cond, uncond, x, step_noise, loop_key)
   return fn(state, cond, uncond, x, step_noise, loop_key)

@@ -79,6 +79,11 @@ class Kind:
     """Forward FLOPs per example of this batch's shapes."""
     self._cannot("report FLOPs")
 
+  def example_batch(self, config: ml_collections.ConfigDict, batch_size: int,
+                    context_length: int | None = None) -> dict[str, jax.ShapeDtypeStruct]:
+    """Shapes and dtypes of a training batch of ``batch_size`` (for ahead-of-time compiles)."""
+    self._cannot("be trained")
+
   def loader_kwargs(self, config: ml_collections.ConfigDict) -> dict[str, int]:
     """Extra keyword arguments for ``dit_jax.data.make_loader``."""
     return {}

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+import jax
+
 import jax.numpy as jnp
 import numpy as np
 
@@ -53,6 +55,11 @@ class DiTKind(Kind):
   def network(self, config, model: DiT, batch, dropout_key):
     """Label dropout to the null class with ``class_dropout_prob``, inside the model."""
     return lambda x, t: model(x, t, batch["label"], dropout_key=dropout_key).astype(jnp.float32)
+
+  def example_batch(self, config, batch_size: int, context_length: int | None = None):
+    cfg = self.model_config(config)
+    return {"image": jax.ShapeDtypeStruct((batch_size, cfg.input_size, cfg.input_size, cfg.in_channels), jnp.float32),
+            "label": jax.ShapeDtypeStruct((batch_size,), jnp.int32)}
 
   def flops(self, cfg: DiTConfig, batch) -> float:
     return flops_per_image(cfg)

@@ -118,6 +118,14 @@ class MMDiTKind(Kind):
     pooled = jnp.where(keep[:, None], batch["pooled"], 0.0)
     return lambda x, t: model(x, t, context, pooled).astype(jnp.float32)
 
+  def example_batch(self, config, batch_size: int, context_length: int | None = None):
+    """Latents of ``sample_size``; ``context_length`` text tokens (default 333: SD3's 77 CLIP + 256 T5)."""
+    cfg, f32 = self.model_config(config), jnp.float32
+    size, length = cfg.sample_size, context_length or 333
+    return {"image": jax.ShapeDtypeStruct((batch_size, size, size, cfg.in_channels), f32),
+            "context": jax.ShapeDtypeStruct((batch_size, length, cfg.joint_attention_dim), f32),
+            "pooled": jax.ShapeDtypeStruct((batch_size, cfg.pooled_projection_dim), f32)}
+
   def flops(self, cfg: MMDiTConfig, batch) -> float:
     """Depends on the batch's latent and context sizes."""
     _, h, w, _ = batch["image"].shape
