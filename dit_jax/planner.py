@@ -21,6 +21,8 @@ from dit_jax.trainer import Trainer
 
 GiB = 1024**3
 COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "collective-permute", "all-to-all")
+# libtpu on a host that is no TPU VM: no metadata server to ask, no workers, and no exclusive lock (nothing is run)
+LIBTPU_ENV = {"TPU_SKIP_MDS_QUERY": "1", "TPU_WORKER_HOSTNAMES": "localhost", "ALLOW_MULTIPLE_LIBTPU_LOAD": "1"}
 _OPCODE = re.compile(r" ([a-z][a-z0-9-]*)\(")
 _ARRAY = re.compile(r"\b[a-z]+[0-9]*\[([0-9,]*)\]")
 
@@ -48,6 +50,8 @@ def topology_devices(topology: str) -> list[jax.Device]:
     return jax.devices()
   from jax.experimental import topologies
 
+  for name, value in LIBTPU_ENV.items():
+    os.environ.setdefault(name, value)
   try:
     with _quiet_stderr():  # libtpu's C++ start-up warns that this host is no TPU VM
       return list(topologies.get_topology_desc(topology_name=topology, platform="tpu").devices)
@@ -73,35 +77,40 @@ def _dims(shape_text: str) -> list[tuple[int, ...]]:
   return [tuple(int(d) for d in m.split(",") if d) for m in _ARRAY.findall(shape_text)]
 
 
-def hlo_summary(hlo_text: str, param_shapes: set[tuple[int, ...]]) -> dict[str, Any]:
-  """Counts of each collective (async starts count once), all-gathers whose result is not a parameter's shape
-  (activations), and the custom-call targets with the kernels they run."""
+def hlo_summary(hlo_text: str, param_sizes: set[int]) -> dict[str, Any]:
+  """Counts of each collective (async starts count once), all-gathers of activations (a result of rank >= 3 whose
+  size is no parameter's: XLA may gather a parameter reshaped), the custom-call targets, the Pallas / Triton
+  kernels by name and their rank-4 result shapes ((batch per shard, heads per shard, tokens, head dim) for
+  attention)."""
   counts = collections.Counter()
-  activation_gathers, targets, kernels = [], collections.Counter(), collections.Counter()
+  activation_gathers, targets, kernels, kernel_shapes = [], collections.Counter(), collections.Counter(), set()
   for opcode, result, line in instructions(hlo_text):
     base = opcode.removesuffix("-start")
     if base in COLLECTIVES and not opcode.endswith("-done"):
       counts[base] += 1
       if base == "all-gather":
-        shapes = [s for s in _dims(result) if s not in param_shapes]
-        activation_gathers += [s for s in shapes if len(s) >= 3]
+        activation_gathers += [s for s in _dims(result) if len(s) >= 3 and math.prod(s) not in param_sizes]
     elif opcode == "custom-call":
       target = re.search(r'custom_call_target="([^"]+)"', line)
       targets[target.group(1) if target else "?"] += 1
-      if target and target.group(1) in ("tpu_custom_call", "__gpu$xla.gpu.triton", "__cudnn$fmhaSoftmax"):
-        kernels[re.sub(r"\.\d+$", "", line.split(" = ")[0].strip().removeprefix("ROOT ").lstrip("%"))] += 1
+      if target and target.group(1) in ("tpu_custom_call", "__gpu$xla.gpu.triton"):
+        name = re.sub(r"\.\d+$", "", line.split(" = ")[0].strip().removeprefix("ROOT ").lstrip("%"))
+        kernels[name] += 1
+        kernel_shapes.update(s for s in _dims(result) if len(s) == 4)
       elif target and "cudnn" in target.group(1):
         kernels[target.group(1)] += 1
   return {"all_gathers": counts["all-gather"], "activation_all_gathers": len(activation_gathers),
           "activation_all_gather_shapes": sorted({str(s) for s in activation_gathers})[:8],
           "all_reduces": counts["all-reduce"], "reduce_scatters": counts["reduce-scatter"],
           "collective_permutes": counts["collective-permute"], "all_to_alls": counts["all-to-all"],
-          "custom_calls": sorted(targets), "kernels": dict(sorted(kernels.items()))}
+          "custom_calls": sorted(targets), "kernels": dict(sorted(kernels.items())),
+          "kernel_shapes": sorted(kernel_shapes)}
 
 
-def _param_shapes(trainer: Trainer) -> set[tuple[int, ...]]:
-  state, _ = trainer.abstract_state()
-  return {tuple(leaf.shape) for leaf in jax.tree.leaves(state.params)}
+def _param_sizes(trainer: Trainer) -> set[int]:
+  """Element counts of the model's variables (trained and frozen)."""
+  state, rest = trainer.abstract_state()
+  return {math.prod(leaf.shape) for leaf in jax.tree.leaves((state.params, rest))}
 
 
 def _memory(compiled, chip: hardware.Chip | None) -> dict[str, Any]:
@@ -159,9 +168,11 @@ def plan(config: ml_collections.ConfigDict, topology: str, *, context_length: in
   report.update(_memory(compiled, chip))
   flops, seconds = _cost(compiled)
   model_flops = 3 * kind.flops(trainer.model_config, batch) * config.global_batch_size / len(devices)
+  if seconds and flops is not None and flops < 0.5 * model_flops:
+    seconds, report["step_note"] = None, "XLA's cost model counts a loop (scan_layers) body once"
   report.update(flops_per_chip=flops, model_flops_per_chip=model_flops, step_s=seconds,
                 mfu=model_flops / seconds / chip.bf16_flops if seconds and chip else None)
-  report.update(hlo_summary(compiled.as_text(), _param_shapes(trainer)))
+  report.update(hlo_summary(compiled.as_text(), _param_sizes(trainer)))
   if sample:
     report["sample"] = plan_sample(trainer, chip, len(devices))
   return report
@@ -209,8 +220,9 @@ def format_report(r: dict[str, Any]) -> str:
       f"{gib(r['outputs_gib'])} (donated {gib(r['aliased_gib'])})",
       f"compile: {r['compile_s']:.1f} s",
       f"FLOPs per chip: XLA {r['flops_per_chip']:.3e}, model (3 x forward) {r['model_flops_per_chip']:.3e}",
-      f"step time (XLA cost model): " + ("unavailable" if r["step_s"] is None else f"{r['step_s'] * 1e3:.1f} ms"),
-      f"MFU implied: " + ("unavailable" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"),
+      "step time (XLA cost model): " + (f"unavailable ({r.get('step_note', 'no positive figure')})"
+                                        if r["step_s"] is None else f"{r['step_s'] * 1e3:.1f} ms"),
+      "MFU implied: " + ("unavailable" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"),
       f"collectives: {r['all_gathers']} all-gather ({r['activation_all_gathers']} of activations), "
       f"{r['all_reduces']} all-reduce, {r['reduce_scatters']} reduce-scatter, {r['collective_permutes']} "
       f"collective-permute, {r['all_to_alls']} all-to-all",

@@ -19,8 +19,6 @@ import pathlib
 import sys
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the host compiles; a TPU topology needs no TPU backend
-os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")  # libtpu: no metadata server to ask on a non-TPU host
-os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from absl import flags  # noqa: E402
