@@ -34,10 +34,12 @@ def test_hlo_summary_counts_collectives_and_tells_activation_gathers_from_parame
 
 
 def test_plan_for_the_local_devices():
-  """The real train step compiled for this host: memory and XLA's FLOPs come back; CPU has no published HBM."""
-  report = planner.plan(tiny_config(), "local")
+  """The real train step and sampler compiled for this host: memory and XLA's FLOPs come back; CPU has no
+  published HBM."""
+  report = planner.plan(tiny_config(), "local", sample=True)
   assert report["chips"] == 1 and report["fits"] is None and report["hbm_per_chip_gib"] > 0, report
   assert report["flops_per_chip"] > 0.5 * report["model_flops_per_chip"], report
+  assert report["sample"]["flops_per_chip"] > 0 and report["sample"]["hbm_per_chip_gib"] > 0, report["sample"]
   json.dumps(report)  # --json prints it
 
 
