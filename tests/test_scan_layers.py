@@ -90,7 +90,8 @@ def test_train_step_scans_the_stored_stack(name):
   jaxpr = jax.make_jaxpr(jax.value_and_grad(loss))(params, rest).jaxpr
   stacked = {tuple(leaf.shape) for path, leaf in nnx.to_flat_state(params) if "layer" in path}
   eqns = list(_eqns(jaxpr))
-  built = [e for e in eqns if e.primitive.name in ("stack", "concatenate") and tuple(e.outvars[0].aval.shape) in stacked]
+  built = [e for e in eqns
+           if e.primitive.name in ("stack", "concatenate") and tuple(e.outvars[0].aval.shape) in stacked]
   assert stacked and not built, f"block weights stacked in the step: {[str(e.outvars[0].aval) for e in built]}"
   assert sum(e.primitive.name == "scan" for e in eqns) >= 2  # forward and backward of a stacked run
 
