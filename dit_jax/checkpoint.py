@@ -72,15 +72,22 @@ def _write(model: nnx.Module, directory: pathlib.Path, extra: dict[str, Any] | N
   directory.mkdir(parents=True, exist_ok=True)
   (directory / META).write_text(json.dumps(meta, indent=2) + "\n")
   ckptr = _checkpointer()
-  ckptr.save(directory / "params", nnx.state(model))
+  ckptr.save(directory / "params", canonical_state(model))
   ckptr.wait_until_finished()
+
+
+def canonical_state(model: nnx.Module) -> nnx.State:
+  """``nnx.state(model)`` in the canonical per-block layout: a ``scan_layers`` model's stacked blocks unstacked."""
+  state = nnx.state(model)
+  return kinds.of(model).unstack_blocks(model.config, state) if getattr(model, "scan_layers", False) else state
 
 
 def save(model: nnx.Module, out_dir: str | os.PathLike, *, overwrite: bool = False,
          extra: dict[str, Any] | None = None, vae: nnx.Module | None = None,
          vae_extra: dict[str, Any] | None = None) -> pathlib.Path:
-  """Write ``model`` (config + all parameters, including frozen tables) as a checkpoint directory; ``vae`` is
-  bundled as ``<out_dir>/vae`` so samplers can decode to images."""
+  """Write ``model`` (config + all parameters, including frozen tables) as a checkpoint directory, always in the
+  per-block layout (a ``scan_layers`` model's blocks unstacked); ``vae`` is bundled as ``<out_dir>/vae`` so
+  samplers can decode to images."""
   with atomic_directory(out_dir, overwrite) as tmp:
     _write(model, tmp, extra)
     if vae is not None:
@@ -110,8 +117,10 @@ def load(path: str | os.PathLike, dtype=jnp.float32, *, param_dtype=jnp.float32,
          attention_impl: str = "auto") -> nnx.Module:
   """Load a checkpoint directory as a ready NNX module (``model.config`` holds its hyper-parameters).
 
+  Always the per-block model (``scan_layers`` off), also for a training workdir trained with ``scan_layers``.
+
   Args:
-    path: directory written by ``tools/convert_torch.py`` or :func:`save`.
+    path: directory written by ``tools/convert_torch.py`` or :func:`save`, or a training workdir.
     dtype: compute dtype (e.g. ``jnp.bfloat16``); parameters are stored as ``param_dtype``.
     attention_impl: 'auto' | 'xla' | 'cudnn' | 'splash'.
   """
@@ -122,10 +131,12 @@ def load(path: str | os.PathLike, dtype=jnp.float32, *, param_dtype=jnp.float32,
     config = kind.config.from_dict(meta["config"])
   except (TypeError, ValueError) as e:
     raise CheckpointError(f"{path / META}: {e}") from None
-  abstract = nnx.eval_shape(lambda: kind.build(config, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype,
-                                               attention_impl=attention_impl))
-  if "training" in meta:
-    return _load_training_ema(path, abstract, meta)  # a training workdir: its latest EMA weights
+  build = lambda scan: nnx.eval_shape(lambda: kind.build(config, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype,
+                                                        attention_impl=attention_impl, scan_layers=scan))
+  abstract = build(False)
+  if "training" in meta:  # a training workdir: its latest EMA weights, as trained (scan_layers: blocks stacked)
+    scanned = bool(meta["training"].get("scan_layers", False))
+    return _load_training_ema(path, abstract, build(True) if scanned else None)
   graphdef, abstract_state = nnx.split(abstract)
   try:
     state = _checkpointer().restore(path / "params", abstract_state)
@@ -199,19 +210,21 @@ class Checkpoints:
     self.manager.close()
 
 
-def _load_training_ema(path: pathlib.Path, abstract: nnx.Module, meta: dict[str, Any]) -> nnx.Module:
-  """The EMA weights of the latest checkpoint of a training workdir."""
+def _load_training_ema(path: pathlib.Path, abstract: nnx.Module, stacked: nnx.Module | None) -> nnx.Module:
+  """The EMA weights of the latest checkpoint of a training workdir as ``abstract`` (per block); ``stacked``: the
+  abstract ``scan_layers`` model the run trained (its checkpoints' layout), or None."""
   ckpts = Checkpoints(path)
   step = ckpts.latest_step()
   if step is None:
     raise CheckpointError(f"{path} is a training directory without any checkpoint yet")
-  graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
+  graphdef, params, rest = nnx.split(stacked or abstract, nnx.Param, ...)
   ema, rest = ckpts.restore_ema(step, params, rest)
   ckpts.close()
-  return nnx.merge(graphdef, ema, rest)
+  model = nnx.merge(graphdef, ema, rest)
+  return model if stacked is None else nnx.merge(nnx.graphdef(abstract), canonical_state(model))
 
 
 def flat_params(model: nnx.Module) -> dict[tuple, np.ndarray]:
-  """{state path: numpy array} of every variable in the model."""
+  """{state path: numpy array} of every variable in the model (per-block layout, see :func:`canonical_state`)."""
   return {tuple(path): np.asarray(jax.device_get(var[...]))
-          for path, var in nnx.to_flat_state(nnx.state(model))}
+          for path, var in nnx.to_flat_state(canonical_state(model))}

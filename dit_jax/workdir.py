@@ -13,9 +13,10 @@ from dit_jax import checkpoint, data
 def write_model_meta(workdir: pathlib.Path, config: ml_collections.ConfigDict, model_cfg,
                      conditioning: dict | None = None) -> None:
   """Write ``<workdir>/dit_jax.json`` atomically; ``training.conditioning`` records how labels become the model's
-  conditioning (e.g. an MMDiT's class-token table, ``Kind.conditioning_meta``)."""
+  conditioning (e.g. an MMDiT's class-token table, ``Kind.conditioning_meta``); ``training.scan_layers`` the
+  layout of the checkpoints' blocks (stacked per run; absent in older workdirs: per block)."""
   training = {"checkpoints": "checkpoints", "objective": config.objective, "flow_convention": config.flow.convention,
-              "flow_shift": config.flow.shift}
+              "flow_shift": config.flow.shift, "scan_layers": bool(config.scan_layers)}
   if conditioning is not None:
     training["conditioning"] = conditioning
   meta = {"format_version": checkpoint.FORMAT_VERSION, "kind": config.model.kind, "config": model_cfg.to_dict(),

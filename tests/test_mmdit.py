@@ -159,25 +159,29 @@ def test_stability_head_split_needs_a_hint(converted):
 
 
 def test_remat_and_scan_change_nothing():
-  """Rematerialised and scanned blocks (runs of dual-attention / plain / pre-only blocks, also with a skipped block
-  splitting a run) give the plain forward and gradients."""
+  """Rematerialised and scanned blocks (runs of dual-attention / plain / pre-only blocks, also with skipped blocks
+  inside a stacked run or a whole run skipped) give the plain forward and gradients."""
   import jax
   from flax import nnx
 
+  from dit_jax.models.mmdit import stack_blocks, unstack_blocks
+
   cfg = MMDiTConfig(**{**TINY, "num_layers": 5}, qk_norm="rms_norm", dual_attention_layers=(0, 1))
   graphdef, state = nnx.split(MMDiT(cfg, rngs=nnx.Rngs(0)))
+  scanned = nnx.graphdef(nnx.eval_shape(lambda: MMDiT(cfg, rngs=nnx.Rngs(0), scan_layers=True)))
   state = jax.tree.map(lambda v: v + 0.05 * jax.random.normal(jax.random.key(v.size), v.shape), state)  # no zeros
   x, t, context, pooled = sd3_inputs(12, 20)
   flat = lambda tree: np.concatenate([np.ravel(leaf) for leaf in jax.tree.leaves(tree)])
 
   def loss(state, remat, scan, skip):
-    model = nnx.merge(graphdef, state)
-    model.remat, model.scan_layers = remat, scan
+    model = nnx.merge(scanned if scan else graphdef, state)  # scanned: blocks stored stacked per run
+    model.remat = remat
     return jnp.sum(model(x, t, context, pooled, skip_layers=skip) ** 2)
 
   grad = jax.jit(jax.value_and_grad(loss), static_argnums=(1, 2, 3))
-  for remat, skip in (("full", ()), ("dots", (2,))):
+  for remat, skip in (("full", ()), ("dots", (2,)), ("none", (1, 2, 3))):
     want, want_grads = grad(state, "none", False, skip)
-    got, grads = grad(state, remat, True, skip)
+    got, grads = grad(stack_blocks(state, cfg), remat, True, skip)
+    grads = unstack_blocks(grads, cfg)
     err = rel_err(flat(grads), flat(want_grads))
     assert abs(got - want) <= 1e-6 * abs(want) and err <= 1e-5, f"loss {got} vs {want}, grads rel err {err:.1e}"

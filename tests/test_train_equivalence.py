@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from dit_jax import parallel
-from dit_jax.trainer import Trainer, build_model, loss_fn
+from dit_jax import kinds, parallel
+from dit_jax.trainer import Trainer, build_model, loss_fn, model_config
 from tests.helpers import rel_err
 from tests.helpers.training import ToyLoader, ToyTextLoader, tiny_config, tiny_mmdit_config
 
@@ -48,6 +48,14 @@ def _init(config) -> tuple[nnx.State, nnx.State]:
   return _randomized(params, 0), _randomized(rest, 1)
 
 
+def _layout(config):
+  """(stack, unstack): per-block params <-> ``build_model(config)``'s layout (blocks stacked with scan_layers)."""
+  if not config.scan_layers:
+    return (lambda s: s), (lambda s: s)
+  kind, cfg = kinds.get(config.model.kind), model_config(config)
+  return (lambda s: kind.stack_blocks(cfg, s)), (lambda s: kind.unstack_blocks(cfg, s))
+
+
 def _loss(config, graphdef, params, rest, batch, key) -> jax.Array:
   return loss_fn(config, nnx.merge(graphdef, params, rest), batch, key)
 
@@ -66,12 +74,14 @@ def _first_trainer_step(config, batch) -> tuple[nnx.State, np.ndarray, float, nn
 
 
 def _loss_grads_output(config, graphdef, params, rest, batch, forward=None):
-  """(training loss under KEY, its flat gradient, ``forward(model)`` or None), in one jit."""
+  """(training loss under KEY, its flat gradient, ``forward(model)`` or None), in one jit. ``params`` and the
+  gradient are per block; a scan_layers model gets them stacked (:func:`_layout`)."""
   def loss(p):
     return _loss(config, graphdef, p, rest, batch, KEY), forward(nnx.merge(graphdef, p, rest)) if forward else None
 
-  (value, out), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
-  return float(value), _flat(grads), out
+  stack, unstack = _layout(config)
+  (value, out), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(stack(params))
+  return float(value), _flat(unstack(grads)), out
 
 
 @pytest.fixture(scope="module")

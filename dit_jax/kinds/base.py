@@ -49,6 +49,14 @@ class Kind:
     return self.module(config, rngs=rngs, dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl,
                        remat=remat, scan_layers=scan_layers)
 
+  def stack_blocks(self, config, state: nnx.State) -> nnx.State:
+    """A per-block (canonical) state -> the layout of the ``scan_layers`` module (runs of blocks stacked)."""
+    self._cannot("scan layers")
+
+  def unstack_blocks(self, config, state: nnx.State) -> nnx.State:
+    """Inverse of :meth:`stack_blocks`: a ``scan_layers`` module's state in the canonical per-block layout."""
+    self._cannot("scan layers")
+
   def describe(self, config) -> str:
     """One line for the converter's summary."""
     return f"{self.name} {config}"

@@ -10,6 +10,7 @@ import numpy as np
 
 from dit_jax.convert import dit_tables
 from dit_jax.kinds.base import Kind, SampleSpec
+from dit_jax.models import dit as dit_model
 from dit_jax.models.dit import DiT, DiTConfig, dit_config, flops_per_image
 
 
@@ -31,6 +32,12 @@ class DiTKind(Kind):
   config = DiTConfig
   conditioning = "labels"
   batch_ndims = {"image": 4, "label": 1}
+
+  def stack_blocks(self, cfg: DiTConfig, state):
+    return dit_model.stack_blocks(state, cfg)
+
+  def unstack_blocks(self, cfg: DiTConfig, state):
+    return dit_model.unstack_blocks(state, cfg)
 
   def describe(self, cfg: DiTConfig) -> str:
     return (f"DiT depth={cfg.depth} hidden={cfg.hidden_size} heads={cfg.num_heads} patch={cfg.patch_size} "

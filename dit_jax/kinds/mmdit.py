@@ -13,6 +13,7 @@ from dit_jax import data
 from dit_jax.diffusion import flow, guidance, vp
 from dit_jax.convert import mmdit_tables
 from dit_jax.kinds.base import Kind, SampleSpec
+from dit_jax.models import mmdit as mmdit_model
 from dit_jax.models.mmdit import MMDiT, MMDiTConfig, flops_per_sample
 
 TEXT_KEYS = ("context", "pooled")
@@ -83,6 +84,12 @@ class MMDiTKind(Kind):
   conditioning = "text"
   batch_ndims = {"image": 4, "context": 3, "pooled": 2}
   train_section = "mmdit"
+
+  def stack_blocks(self, cfg: MMDiTConfig, state):
+    return mmdit_model.stack_blocks(state, cfg)
+
+  def unstack_blocks(self, cfg: MMDiTConfig, state):
+    return mmdit_model.unstack_blocks(state, cfg)
 
   def describe(self, cfg: MMDiTConfig) -> str:
     p = cfg.pos_embed_max_size

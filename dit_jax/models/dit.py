@@ -14,8 +14,7 @@ from flax import nnx
 
 from dit_jax.models import layers
 from dit_jax.models.config import JsonConfig, check_all
-from dit_jax.models.layers import (REMAT_POLICIES, FrozenParam, check_build_options, layer_norm, modulate,
-                                  unpatchify)
+from dit_jax.models.layers import FrozenParam, check_build_options, layer_norm, modulate, unpatchify
 
 # Numeric conventions of the two checkpoint formats.
 #   freq_shift:   timestep frequencies exp(-ln(1e4) i / (128 - shift)); diffusers' Timesteps uses shift 1.
@@ -134,6 +133,10 @@ class DiT(nnx.Module):
   Call: ``model(x, t, y)`` with x (B, H, W, C) latents, t (B,) timesteps 0..999, y (B,) class ids where
   ``config.num_classes`` is the null (unconditional) class. Returns (B, H, W, out_channels); with
   ``learn_sigma`` the channels are [eps (C), variance interpolation (C)].
+
+  ``scan_layers`` (fixed at construction) stores the blocks stacked, ``blocks[0]`` a :class:`layers.Stacked` of
+  ``depth`` (leading axis 'layers'), run by one ``lax.scan``; :func:`stack_blocks` / :func:`unstack_blocks` map
+  states between that and the canonical per-block layout. ``remat`` may be changed after construction.
   """
 
   def __init__(self, config: DiTConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32,
@@ -150,7 +153,8 @@ class DiT(nnx.Module):
                                            param_dtype=param_dtype)
     table = layers.sincos_2d(cfg.hidden_size, cfg.grid_size, cfg.grid_size)
     self.pos_embed = FrozenParam(jnp.asarray(table, dtype=param_dtype), **layers.logical(None, "embed"))
-    self.blocks = nnx.List([DiTBlock(cfg, rngs, attention_impl=attention_impl, **kw) for _ in range(cfg.depth)])
+    blocks = [DiTBlock(cfg, rngs, attention_impl=attention_impl, **kw) for _ in range(cfg.depth)]
+    self.blocks = layers.stack_runs(blocks, block_runs(cfg)) if scan_layers else nnx.List(blocks)
     self.final_layer = FinalLayer(cfg, rngs, **kw)
 
   def condition(self, t: jax.Array, y: jax.Array, dropout_key: jax.Array | None = None,
@@ -183,20 +187,24 @@ class DiT(nnx.Module):
     return unpatchify(tokens, cfg.patch_size, cfg.out_channels, cfg.grid_size, cfg.grid_size)
 
   def run_blocks(self, tokens: jax.Array, cond: jax.Array) -> jax.Array:
-    """All blocks, optionally rematerialised (``remat``) and/or as one ``lax.scan`` over stacked block weights
-    (``scan_layers``: one compiled block instead of ``depth``; the parameters stay stored per block)."""
-    graphdef, _ = nnx.split(self.blocks[0])
-    apply = lambda state, x: nnx.merge(graphdef, state)(x, cond)
-    if self.remat != "none":
-      apply = jax.checkpoint(apply, policy=REMAT_POLICIES[self.remat])
-    states = [nnx.split(block)[1] for block in self.blocks]
-    if not self.scan_layers:
-      for state in states:
-        tokens = apply(state, tokens)
-      return tokens
-    stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *states)
-    tokens, _ = jax.lax.scan(lambda x, state: (apply(state, x), None), tokens, stacked)
-    return tokens
+    """All blocks, each optionally rematerialised (``remat``); stacked blocks (``scan_layers``) by one ``lax.scan``
+    over the stored stack: (B, T, D) -> (B, T, D)."""
+    return layers.run_blocks(self.blocks, lambda block, x: block(x, cond), tokens, remat=self.remat)
+
+
+def block_runs(cfg: DiTConfig) -> tuple[int, ...]:
+  """Lengths of the runs of same-structure blocks a ``scan_layers`` DiT stores stacked: all blocks."""
+  return (cfg.depth,)
+
+
+def stack_blocks(state: nnx.State, cfg: DiTConfig) -> nnx.State:
+  """A per-block DiT state (``blocks.i``) -> the ``scan_layers`` layout (``blocks.0.layer``, leading axis depth)."""
+  return layers.stack_blocks(state, "blocks", block_runs(cfg))
+
+
+def unstack_blocks(state: nnx.State, cfg: DiTConfig) -> nnx.State:
+  """Inverse of :func:`stack_blocks`: the canonical per-block layout."""
+  return layers.unstack_blocks(state, "blocks", block_runs(cfg))
 
 
 def flops_per_image(cfg: DiTConfig) -> float:

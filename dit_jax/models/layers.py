@@ -1,11 +1,12 @@
 """Building blocks shared by the model families: embeddings, modulation, norms, attention block, MLP,
-(un)patchify, remat policies and the build-option checks.
+(un)patchify, remat policies, stacked (scanned) layers and the build-option checks.
 
 Shapes: B batch, T tokens, D hidden size. All activations are channels-last.
 """
 from __future__ import annotations
 
 import math
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -232,3 +233,145 @@ def unpatchify(x: jax.Array, patch_size: int, channels: int, grid_h: int, grid_w
   p = patch_size
   x = x.reshape(b, grid_h, grid_w, p, p, channels).transpose(0, 1, 3, 2, 4, 5)
   return x.reshape(b, grid_h * p, grid_w * p, channels)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Stacked layers (scan_layers)
+
+LAYER_AXIS = "layers"  # logical name of a stacked layer axis; no mesh rule names it, so it is replicated
+
+
+def _names(var: nnx.Variable) -> tuple | None:
+  return var.get_metadata().get("out_sharding")
+
+
+def _is_var(x) -> bool:
+  return isinstance(x, nnx.Variable)
+
+
+def _stack(vs: Sequence[nnx.Variable]) -> nnx.Variable:
+  names = _names(vs[0])
+  return vs[0].replace(jnp.stack([v.get_value() for v in vs]), **({} if names is None else
+                                                                   {"out_sharding": (LAYER_AXIS, *names)}))
+
+
+def _take(v: nnx.Variable, index: Any = None) -> nnx.Variable:
+  names = _names(v)
+  value = v.get_value() if index is None else v.get_value()[index]
+  return v.replace(value, **({} if names is None else {"out_sharding": names[1:]}))
+
+
+def stack_states(states: Sequence[nnx.State]) -> nnx.State:
+  """Same-structure states -> one whose every variable has a leading (len(states),) axis named 'layers'."""
+  return jax.tree.map(lambda *vs: _stack(vs), *states, is_leaf=_is_var)
+
+
+def layer_slice(state: nnx.State, index: Any = None) -> nnx.State:
+  """Inverse of :func:`stack_states` for one layer: ``index`` selects it (None: the leading axis is already gone,
+  as inside ``lax.scan``); the 'layers' name is dropped from the metadata."""
+  return jax.tree.map(lambda v: _take(v, index), state, is_leaf=_is_var)
+
+
+def checkpointed(apply: Callable, remat: str) -> Callable:
+  """``apply(state, carry)`` under ``jax.checkpoint`` with the REMAT_POLICIES entry ('none': unchanged)."""
+  return apply if remat == "none" else jax.checkpoint(apply, policy=REMAT_POLICIES[remat])
+
+
+def apply_block(block: nnx.Module, fn: Callable, carry: Any, remat: str = "none") -> Any:
+  """``fn(block, carry)``, rematerialised with the ``remat`` policy."""
+  graphdef, state = nnx.split(block)
+  return checkpointed(lambda s, c: fn(nnx.merge(graphdef, s), c), remat)(state, carry)
+
+
+class Stacked(nnx.Module):
+  """``length`` modules of one structure stored as one ``layer`` whose variables carry a leading (length,) axis
+  (logical name 'layers'), applied by ``lax.scan``: one compiled layer and no per-step copy of the weights.
+  Built from per-layer modules, so its values are exactly theirs."""
+
+  def __init__(self, modules: Sequence[nnx.Module]):
+    splits = [nnx.split(m) for m in modules]
+    if any(g != splits[0][0] for g, _ in splits):
+      raise ValueError("Stacked needs modules of one structure")
+    self.length = len(modules)
+    self.layer = nnx.merge(splits[0][0], stack_states([s for _, s in splits]))
+
+  def scan(self, fn: Callable, carry: Any, *, remat: str = "none", skip: Sequence[int] = ()) -> Any:
+    """carry = fn(layer i, carry) for i = 0 .. length-1 in one ``lax.scan``; layers in ``skip`` (indices in the
+    stack) pass the carry through unchanged (``lax.cond``). Each layer is rematerialised with ``remat``."""
+    graphdef, state = nnx.split(self.layer)
+    apply = checkpointed(lambda s, c: fn(nnx.merge(graphdef, layer_slice(s)), c), remat)
+    if not skip:
+      return jax.lax.scan(lambda c, s: (apply(s, c), None), carry, state)[0]
+    skipped = np.isin(np.arange(self.length), np.asarray(skip, int))
+
+    def body(c, xs):
+      s, off = xs
+      return jax.lax.cond(off, lambda: c, lambda: apply(s, c)), None
+
+    return jax.lax.scan(body, carry, (state, skipped))[0]
+
+
+def run_lengths(keys: Sequence) -> tuple[int, ...]:
+  """Lengths of the runs of equal consecutive keys: (a, a, b, c, c) -> (2, 1, 2)."""
+  lengths: list[int] = []
+  for i, key in enumerate(keys):
+    if i and key == keys[i - 1]:
+      lengths[-1] += 1
+    else:
+      lengths.append(1)
+  return tuple(lengths)
+
+
+def stack_runs(blocks: Sequence[nnx.Module], lengths: Sequence[int]) -> nnx.List:
+  """Blocks -> one entry per run: a :class:`Stacked` of the run, or the block itself for a run of one."""
+  starts = np.cumsum((0, *lengths))
+  return nnx.List([Stacked(blocks[a:b]) if b - a > 1 else blocks[a] for a, b in zip(starts[:-1], starts[1:])])
+
+
+def run_blocks(runs: Sequence[nnx.Module], fn: Callable, carry: Any, *, remat: str = "none",
+               skip: Sequence[int] = ()) -> Any:
+  """carry = fn(block, carry) over every block (by global index, leaving out ``skip``) of a list of plain blocks
+  and :class:`Stacked` runs, each block rematerialised with ``remat``."""
+  start = 0
+  for run in runs:
+    n = run.length if isinstance(run, Stacked) else 1
+    local = tuple(i - start for i in skip if start <= i < start + n)
+    if len(local) < n:
+      if isinstance(run, Stacked):
+        carry = run.scan(fn, carry, remat=remat, skip=local)
+      else:
+        carry = apply_block(run, fn, carry, remat)
+    start += n
+  return carry
+
+
+def stack_blocks(state: nnx.State, name: str, lengths: Sequence[int]) -> nnx.State:
+  """A per-block state (``state[name][i]`` for block i) -> the stacked layout of :func:`stack_runs` with run
+  ``lengths`` (``state[name][r]``: ``{'layer': stacked}`` for a run, the block's state for a run of one)."""
+  blocks: dict[int, dict[tuple, nnx.Variable]] = {}
+  out = []
+  for path, var in nnx.to_flat_state(state):
+    if path[0] == name:
+      blocks.setdefault(path[1], {})[path[2:]] = var
+    else:
+      out.append((path, var))
+  starts = np.cumsum((0, *lengths)).tolist()
+  for r, (a, b) in enumerate(zip(starts[:-1], starts[1:])):
+    for rest, var in blocks[a].items():
+      stacked = var if b - a == 1 else _stack([blocks[i][rest] for i in range(a, b)])
+      out.append(((name, r, *rest) if b - a == 1 else (name, r, "layer", *rest), stacked))
+  return nnx.from_flat_state(out)
+
+
+def unstack_blocks(state: nnx.State, name: str, lengths: Sequence[int]) -> nnx.State:
+  """Inverse of :func:`stack_blocks`: the canonical per-block layout."""
+  starts = np.cumsum((0, *lengths)).tolist()
+  out = []
+  for path, var in nnx.to_flat_state(state):
+    if path[0] != name:
+      out.append((path, var))
+    elif lengths[path[1]] == 1:
+      out.append(((name, starts[path[1]], *path[2:]), var))
+    else:
+      out += [((name, starts[path[1]] + j, *path[3:]), _take(var, j)) for j in range(lengths[path[1]])]
+  return nnx.from_flat_state(out)

@@ -21,8 +21,7 @@ from flax import nnx
 from dit_jax.models import layers
 from dit_jax.models.attention import dot_product_attention
 from dit_jax.models.config import JsonConfig, check_all
-from dit_jax.models.layers import (REMAT_POLICIES, FrozenParam, RMSNorm, check_build_options, layer_norm, modulate,
-                                  unpatchify)
+from dit_jax.models.layers import FrozenParam, RMSNorm, check_build_options, layer_norm, modulate, unpatchify
 
 QK_NORMS = (None, "rms_norm")
 NORM_EPS = 1e-6  # every LayerNorm (affine-free) and the QK RMSNorm
@@ -213,6 +212,12 @@ class MMDiT(nnx.Module):
   ``pos_embed_max_size * patch_size``), t (B,) timesteps in the model's units (sigma * 1000), context (B, L,
   joint_attention_dim) text tokens, pooled (B, pooled_projection_dim). Returns (B, H, W, out_channels)
   (the flow-matching velocity for SD3).
+
+  ``scan_layers`` (fixed at construction) stores each run of consecutive same-structure blocks (the MMDiT-X
+  dual-attention blocks, the plain blocks; the pre-only last block stands alone) stacked: ``joint_blocks[r]`` is
+  a :class:`layers.Stacked` per run (or the block itself for a run of one), run by ``lax.scan``;
+  :func:`stack_blocks` / :func:`unstack_blocks` map states between that and the canonical per-block layout.
+  ``remat`` may be changed after construction.
   """
 
   def __init__(self, config: MMDiTConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32,
@@ -231,8 +236,8 @@ class MMDiT(nnx.Module):
     self.y_embedder = VectorEmbedder(cfg.pooled_projection_dim, d, rngs, **kw)
     self.context_embedder = layers.linear(cfg.joint_attention_dim, cfg.caption_projection_dim, rngs,
                                           axes=(None, "embed"), **kw)
-    self.joint_blocks = nnx.List([JointBlock(cfg, i, rngs, attention_impl=attention_impl, **kw)
-                                  for i in range(cfg.num_layers)])
+    blocks = [JointBlock(cfg, i, rngs, attention_impl=attention_impl, **kw) for i in range(cfg.num_layers)]
+    self.joint_blocks = layers.stack_runs(blocks, block_runs(cfg)) if scan_layers else nnx.List(blocks)
     self.final_layer = FinalLayer(cfg, rngs, **kw)
 
   def condition(self, t: jax.Array, pooled: jax.Array) -> jax.Array:
@@ -258,30 +263,28 @@ class MMDiT(nnx.Module):
 
   def run_blocks(self, tokens: jax.Array, ctx: jax.Array, c: jax.Array, skip_layers: tuple[int, ...] = ()
                  ) -> tuple[jax.Array, jax.Array]:
-    """The joint blocks not in ``skip_layers``, optionally rematerialised (``remat``). With ``scan_layers``, each
-    run of consecutive blocks of one structure (the MMDiT-X dual-attention blocks, the plain blocks; the pre-only
-    last block stands alone) is one ``lax.scan`` over its stacked weights; parameters stay stored per block."""
-    runs: list[tuple[nnx.GraphDef, list[nnx.State]]] = []
-    for i, block in enumerate(self.joint_blocks):
-      if i in skip_layers:
-        continue
-      graphdef, state = nnx.split(block)
-      if runs and runs[-1][0] == graphdef:
-        runs[-1][1].append(state)
-      else:
-        runs.append((graphdef, [state]))
-    carry = (tokens, ctx)
-    for graphdef, states in runs:
-      apply = lambda state, carry, graphdef=graphdef: nnx.merge(graphdef, state)(*carry, c)
-      if self.remat != "none":
-        apply = jax.checkpoint(apply, policy=REMAT_POLICIES[self.remat])
-      if self.scan_layers and len(states) > 1:
-        stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *states)
-        carry, _ = jax.lax.scan(lambda carry, state: (apply(state, carry), None), carry, stacked)
-      else:
-        for state in states:
-          carry = apply(state, carry)
-    return carry
+    """The joint blocks not in ``skip_layers`` (block indices), each optionally rematerialised (``remat``); a
+    stacked run (``scan_layers``) is one ``lax.scan`` over its stored stack, a skipped block in it passing its
+    carry through. tokens (B, N, D), ctx (B, L, D), c (B, D) -> (tokens, ctx)."""
+    return layers.run_blocks(self.joint_blocks, lambda block, carry: block(*carry, c), (tokens, ctx),
+                             remat=self.remat, skip=skip_layers)
+
+
+def block_runs(cfg: MMDiTConfig) -> tuple[int, ...]:
+  """Lengths of the runs of same-structure joint blocks (dual-attention or not; the last block is pre-only) that
+  a ``scan_layers`` MMDiT stores stacked."""
+  n = cfg.num_layers
+  return layers.run_lengths([(i in cfg.dual_attention_layers, i == n - 1) for i in range(n)])
+
+
+def stack_blocks(state: nnx.State, cfg: MMDiTConfig) -> nnx.State:
+  """A per-block MMDiT state (``joint_blocks.i``) -> the ``scan_layers`` layout (``joint_blocks.r[.layer]``)."""
+  return layers.stack_blocks(state, "joint_blocks", block_runs(cfg))
+
+
+def unstack_blocks(state: nnx.State, cfg: MMDiTConfig) -> nnx.State:
+  """Inverse of :func:`stack_blocks`: the canonical per-block layout."""
+  return layers.unstack_blocks(state, "joint_blocks", block_runs(cfg))
 
 
 def flops_per_sample(cfg: MMDiTConfig, height: int, width: int, context_len: int) -> float:
