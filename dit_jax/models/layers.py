@@ -124,12 +124,24 @@ def modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
 # Modules
 
 
+class Linear(nnx.Linear):
+  """nnx.Linear applied to the tokens flattened to 2-D: (..., T, D_in) -> (..., T, D_out).
+
+  Same parameters (``kernel``, ``bias``) and result as nnx.Linear. On XLA:CPU the weight gradient of a 2-D matmul
+  runs about 1.8x faster than the same contraction over (B, T, D) activations (BENCHMARKS.md, train step).
+  """
+
+  def __call__(self, inputs: jax.Array) -> jax.Array:
+    if inputs.ndim <= 2:
+      return super().__call__(inputs)
+    return super().__call__(inputs.reshape(-1, inputs.shape[-1])).reshape(*inputs.shape[:-1], -1)
+
+
 def linear(d_in: int, d_out: int, rngs: nnx.Rngs, *, dtype, param_dtype, axes: tuple[str | None, str | None],
-           kernel_init=xavier_uniform, bias_init=zeros, use_bias: bool = True) -> nnx.Linear:
-  """nnx.Linear with DiT's default init (xavier-uniform weight, zero bias) and logical axis names (in, out)."""
-  return nnx.Linear(d_in, d_out, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, kernel_init=kernel_init,
-                    bias_init=bias_init, rngs=rngs, kernel_metadata=logical(*axes),
-                    bias_metadata=logical(axes[1]))
+           kernel_init=xavier_uniform, bias_init=zeros, use_bias: bool = True) -> Linear:
+  """Linear with DiT's default init (xavier-uniform weight, zero bias) and logical axis names (in, out)."""
+  return Linear(d_in, d_out, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, kernel_init=kernel_init,
+                bias_init=bias_init, rngs=rngs, kernel_metadata=logical(*axes), bias_metadata=logical(axes[1]))
 
 
 class PatchEmbed(nnx.Module):
