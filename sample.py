@@ -23,10 +23,12 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import os
 import pathlib
 import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")  # before TensorFlow (clu, data) loads: no C++ start-up lines
 
 import numpy as np  # noqa: E402
 

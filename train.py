@@ -1,17 +1,20 @@
 #!/usr/bin/env python
 """Train a DiT or an MMDiT: python train.py --config configs/X.py --workdir DIR [--config.key=value ...]
 
-Resumes automatically from the latest checkpoint in DIR. Multi-host: set --config.distributed.initialize=True
+Resumes automatically from the latest checkpoint in DIR. Prints one line per log step (step/total, loss, steps/s,
+ETA, MFU); metrics also go to DIR/metrics.jsonl and TensorBoard. Multi-host: set --config.distributed.initialize=True
 (plus coordinator_address / num_processes / process_id where the cluster is not auto-detected). Configuration and
 input errors are reported in one line with exit status 2.
 """
 from __future__ import annotations
 
 import logging
+import os
 import pathlib
 import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")  # before TensorFlow (clu, data) loads: no C++ start-up lines
 
 import ml_collections  # noqa: E402
 from absl import flags  # noqa: E402
@@ -51,8 +54,8 @@ def main(argv) -> int:
     config = _config()
   except (flags.Error, KeyError, AttributeError, TypeError, ValueError, SyntaxError) as e:
     return fail(_one_line(e))
-  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s: %(message)s")
-  logging.getLogger("absl").setLevel(logging.WARNING)
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s: %(message)s", force=True)
+  logging.getLogger("absl").setLevel(logging.WARNING)  # libraries' INFO chatter; progress is the "dit_jax" logger
   import jax
 
   d = config.distributed

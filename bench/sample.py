@@ -18,7 +18,7 @@ import jax
 import numpy as np
 import torch
 
-from common import build_pair, forward_flops, matmul_peak_flops
+from common import build_pair, forward_flops, matmul_peak_flops, published_peak
 
 
 def main() -> None:
@@ -66,7 +66,7 @@ def main() -> None:
   ref_latents = captured["z"].numpy().transpose(0, 2, 3, 1)
   err = float(np.abs(latents - ref_latents).max() / np.abs(ref_latents).max())
 
-  peak = max(matmul_peak_flops().values())
+  peak = published_peak() or max(matmul_peak_flops().values())
   flops = forward_flops(cfg) * 2 * args.batch * args.steps  # CFG doubles the batch
   print(f"# {time.strftime('%Y-%m-%d')} {platform.machine()} {os.cpu_count()} cores, jax {jax.__version__} "
         f"({jax.default_backend()}), torch {torch.__version__}; fp32 matmul peak {peak / 1e9:.1f} GFLOP/s")

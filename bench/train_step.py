@@ -19,7 +19,7 @@ import jax
 import numpy as np
 import torch
 
-from common import build_pair, forward_flops, matmul_peak_flops, median_seconds
+from common import build_pair, forward_flops, matmul_peak_flops, published_peak, median_seconds
 
 
 def bench(name: str, batch: int, iters: int, peak: float, dtype: str) -> dict:
@@ -78,7 +78,7 @@ def main() -> None:
   args = p.parse_args()
   torch.set_num_threads(os.cpu_count() or 1)
   peaks = matmul_peak_flops()
-  peak = max(peaks.values())
+  peak = published_peak() or max(peaks.values())
   print(f"# {time.strftime('%Y-%m-%d')} {platform.machine()} {os.cpu_count()} cores, jax {jax.__version__} "
         f"({jax.default_backend()}), torch {torch.__version__}; fp32 matmul peak: jax {peaks['jax'] / 1e9:.1f}, "
         f"torch {peaks['torch'] / 1e9:.1f} GFLOP/s")

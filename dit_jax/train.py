@@ -1,5 +1,10 @@
-"""The training loop: ``train(config, workdir)`` trains (or resumes) with clu metrics, MFU, a non-finite guard,
-SIGTERM handling (save, then exit), periodic orbax checkpoints and EMA sample grids.
+"""The training loop: ``train(config, workdir)`` trains (or resumes) with metrics (metrics.jsonl, TensorBoard via
+clu, one console line per log step through the "dit_jax" logger), MFU, a non-finite guard, SIGTERM handling (save,
+then exit), periodic orbax checkpoints and EMA sample grids.
+
+The host reads device values only at log, checkpoint and sample steps, so dispatch runs ahead in between; the
+non-finite guard stays exact (the step turns into a no-op on device once the limit is reached, see
+:mod:`dit_jax.trainer`) and is checked before any save.
 
 Kinds: ``model.kind`` names a registered kind (:mod:`dit_jax.kinds`), e.g. 'dit' (a class-conditional DiT on
 {"image", "label"} batches) or 'mmdit' (an SD3-style MMDiT on {"image", "context", "pooled"}); the step is
@@ -19,10 +24,10 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from clu import metric_writers, periodic_actions
+from clu import metric_writers
 from flax import nnx
 
-from dit_jax import data, kinds, parallel, sample_files
+from dit_jax import data, hardware, kinds, parallel, sample_files
 from dit_jax.checkpoint import Checkpoints
 from dit_jax.diffusion.samplers import sample
 from dit_jax.train_config import validate
@@ -91,40 +96,41 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, loa
     logger.info("resumed from step %d in %s", start, workdir)
 
   is_main = jax.process_index() == 0
-  writer = metric_writers.create_default_writer(str(workdir), just_logging=not is_main)
-  progress = periodic_actions.ReportProgress(num_train_steps=config.total_steps, writer=writer)
+  # TensorBoard summaries only: the console gets one progress line per log step (the "dit_jax" logger).
+  writer = metric_writers.AsyncWriter(metric_writers.SummaryWriter(str(workdir))) if is_main else \
+      metric_writers.MultiWriter([])
   flops_per_step = None
-  peak = measured_peak_flops(jnp.bfloat16 if config.compute_dtype == "bfloat16" else jnp.float32) * mesh.size
+  peak = peak_flops(mesh, config.compute_dtype)
   jsonl = (workdir / "metrics.jsonl").open("a") if is_main else None
   sigterm = _Sigterm()
-  last_time, last_step = time.perf_counter(), start
+  clock = {"time": time.perf_counter(), "step": start, "read": start, "total": int(state.nonfinite_total)}
   try:
     for step in range(start + 1, config.total_steps + 1):
       batch = next(loader)
       if flops_per_step is None:
         flops_per_step = 3 * kind.flops(trainer.model_config, batch) * config.global_batch_size
       state, metrics = trainer.step(state, rest, batch)
-      progress(step)
-      run = int(metrics["nonfinite_run"])
-      if run:
-        logger.warning("step %d: non-finite loss or gradient, update skipped (%d in a row)", step, run)
-      if step % config.log_every_steps == 0 or step == config.total_steps or run >= config.nonfinite_abort_after:
-        scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
+      log = step % config.log_every_steps == 0 or step == config.total_steps
+      save = step % config.checkpoint_every_steps == 0 or step == config.total_steps or sigterm.received
+      grid = config.sample_every_steps and step % config.sample_every_steps == 0
+      if not (log or save or grid):
+        continue  # no device read: dispatch runs ahead; the non-finite guard holds the state on device
+      scalars = _read(step, state, metrics, clock)
+      if log or clock["run"] >= config.nonfinite_abort_after:
         now = time.perf_counter()
-        steps_per_s = (step - last_step) / (now - last_time)
-        last_time, last_step = now, step
+        steps_per_s = (step - clock["step"]) / (now - clock["time"])
+        clock.update(time=now, step=step)
         scalars.update(steps_per_s=steps_per_s, examples_per_s=steps_per_s * config.global_batch_size,
                        mfu=steps_per_s * flops_per_step / peak, skipped_images=getattr(loader, "skipped", 0))
         writer.write_scalars(step, scalars)
         if jsonl:
           jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
           jsonl.flush()
-      if run >= config.nonfinite_abort_after:
-        raise TrainingError(f"{run} consecutive non-finite updates at step {step}; stopping (the last checkpoint "
-                            "holds finite parameters)")
-      if step % config.checkpoint_every_steps == 0 or step == config.total_steps or sigterm.received:
+          _progress_line(config, step, scalars)
+      _check_nonfinite(config, clock)
+      if save:
         ckpts.save(step, state, rest, {"data": loader.get_state(), "step": step})
-      if config.sample_every_steps and step % config.sample_every_steps == 0:
+      if grid:
         write_sample_grid(config, trainer.ema_model(state, rest), workdir, step, writer)
       if sigterm.received:
         break
@@ -136,6 +142,45 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, loa
     if jsonl:
       jsonl.close()
   return state
+
+
+def peak_flops(mesh: jax.sharding.Mesh, compute_dtype: str) -> float:
+  """The MFU denominator: the chip's published bf16 peak times the device count on a known GPU / TPU, else the
+  matmul rate measured here (CPU, or a chip dit_jax.hardware does not list); logs which, once."""
+  chip = hardware.chip_of(mesh.devices.flat[0])
+  if chip is not None and jax.default_backend() != "cpu":
+    logger.info("MFU against the published bf16 peak of %d x %s (%.0f TFLOP/s each)", mesh.size, chip.name,
+                chip.bf16_flops / 1e12)
+    return chip.bf16_flops * mesh.size
+  measured = measured_peak_flops(jnp.bfloat16 if compute_dtype == "bfloat16" else jnp.float32)
+  logger.info("MFU against a measured %s matmul rate of %d x %.1f GFLOP/s (no published peak for %s)", compute_dtype,
+              mesh.size, measured / 1e9, mesh.devices.flat[0].device_kind)
+  return measured * mesh.size
+
+
+def _read(step: int, state: TrainState, metrics: dict, clock: dict) -> dict[str, float]:
+  """The step's metrics from the device (the one host sync of a read step); updates ``clock`` with the guard's
+  counters: ``at``, the state's step (it stays where a run of non-finite updates reached the limit), ``run``, the
+  current run of skipped updates, and ``total``, all skipped so far; warns of updates skipped since the last read."""
+  values, (at, run, total) = jax.device_get((metrics, (state.step, state.nonfinite_run, state.nonfinite_total)))
+  first, new = clock["read"] + 1, int(total) - clock["total"]
+  clock.update(read=step, at=int(at), run=int(run), total=int(total))
+  if new:
+    logger.warning("steps %d-%d: %d update(s) with a non-finite loss or gradient skipped (%d in a row at step %d)",
+                   first, step, new, clock["run"], clock["at"])
+  return {k: float(v) for k, v in values.items()}
+
+
+def _check_nonfinite(config, clock: dict) -> None:
+  if clock["run"] >= config.nonfinite_abort_after:
+    raise TrainingError(f"{clock['run']} consecutive non-finite updates at step {clock['at']}; stopping (the last "
+                        "checkpoint holds finite parameters)")
+
+
+def _progress_line(config, step: int, scalars: dict[str, float]) -> None:
+  eta = int((config.total_steps - step) / max(scalars["steps_per_s"], 1e-9))
+  logger.info("step %d/%d  loss %.4f  %.2f steps/s  ETA %d:%02d:%02d  MFU %.1f%%", step, config.total_steps,
+              scalars["loss"], scalars["steps_per_s"], eta // 3600, eta // 60 % 60, eta % 60, 100 * scalars["mfu"])
 
 
 def write_sample_grid(config: ml_collections.ConfigDict, model: nnx.Module, workdir: pathlib.Path, step: int,

@@ -3,7 +3,9 @@ configured objective), and :class:`Trainer`, whose jitted step runs on a mesh wi
 
 The step is ``jax.jit`` over ``nnx.split`` state with shardings derived from the parameters' logical axis names
 (:mod:`dit_jax.parallel`) and the state donated. Randomness of step s is ``fold_in(key(seed), s)``; micro-batch i
-of an accumulated step uses ``fold_in(key, i)``. Non-finite updates are skipped and counted.
+of an accumulated step uses ``fold_in(key, i)``. Non-finite updates are skipped and counted; once
+``config.nonfinite_abort_after`` are skipped in a row the step is a no-op (the state, its step included, stays as it
+was), so the host can check the guard only when it reads the state.
 """
 from __future__ import annotations
 
@@ -140,15 +142,18 @@ class Trainer:
       loss, grads = loss / accum, jax.tree.map(lambda g: g / accum, grads)
     grad_norm = optax.global_norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    live = state.nonfinite_run < config.nonfinite_abort_after  # else halted: the host raises at its next read
     updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     d = config.ema_decay
     ema = jax.tree.map(lambda e, p: d * e + (1 - d) * p, state.ema, params)
-    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite & live, n, o), new, old)
+    skipped = (live & ~finite).astype(jnp.int32)
     new_state = TrainState(
-        step=state.step + 1, params=keep(params, state.params), opt_state=keep(opt_state, state.opt_state),
-        ema=keep(ema, state.ema), nonfinite_run=jnp.where(finite, 0, state.nonfinite_run + 1),
-        nonfinite_total=state.nonfinite_total + (~finite).astype(jnp.int32))
+        step=state.step + live.astype(jnp.int32), params=keep(params, state.params),
+        opt_state=keep(opt_state, state.opt_state), ema=keep(ema, state.ema),
+        nonfinite_run=jnp.where(live & finite, 0, state.nonfinite_run + skipped),
+        nonfinite_total=state.nonfinite_total + skipped)
     lr = learning_rate(config)(state.step)
     metrics = {"loss": loss, "grad_norm": grad_norm, "lr": lr, "finite": finite.astype(jnp.float32),
                "nonfinite_run": new_state.nonfinite_run, "nonfinite_total": new_state.nonfinite_total}

@@ -96,3 +96,39 @@ def test_grad_accumulation_and_bf16_run(tmp):
   state = train(config, tmp, loader=ToyLoader(8))
   assert int(state.step) == 2 and all(v.dtype == jnp.float32 for v in jax.tree.leaves(state.params))
   assert all(np.isfinite(v) for v in losses(tmp).values())
+
+
+class _CountingLoader(ToyLoader):
+  """ToyLoader that notes, at each batch, how many device->host reads (jax.Array._value) happened so far."""
+
+  def __init__(self, *a, **k):
+    super().__init__(*a, **k)
+    self.reads_at = []
+
+  def __next__(self):
+    self.reads_at.append(_CountingLoader.reads)
+    return super().__next__()
+
+
+def test_host_reads_only_at_log_steps_and_the_guard_stays_exact(tmp, monkeypatch):
+  """Steps between reads (log every 4, checkpoint every 8) make no device->host transfer; a run of 3 non-finite
+  updates reaching the limit at step 7 stops training at the next read (step 8) naming step 7, without saving."""
+  from jax._src import array
+
+  _CountingLoader.reads = 0
+  value = array.ArrayImpl._value
+
+  def counted(self):
+    _CountingLoader.reads += 1
+    return value.fget(self)
+
+  monkeypatch.setattr(array.ArrayImpl, "_value", property(counted))
+  config = tiny_config("flow", steps=12)
+  config.update(log_every_steps=4, checkpoint_every_steps=8, nonfinite_abort_after=3)
+  loader = _CountingLoader(8, nan_from=4)  # steps 5, 6, 7 are non-finite
+  with pytest.raises(TrainingError, match=r"^3 consecutive non-finite updates at step 7; stopping"):
+    train(config, tmp, loader=loader)
+  during = {s: b - a for s, (a, b) in enumerate(zip(loader.reads_at, loader.reads_at[1:]), start=1)}
+  assert [s for s, n in during.items() if n] == [4], during  # step 8 raised before the next batch
+  assert sorted(losses(tmp)) == [4, 8]
+  assert not [p for p in tmp.glob("checkpoints/*") if p.name.isdigit()], "saved after the guard's limit"

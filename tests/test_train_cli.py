@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -120,3 +121,19 @@ def test_user_errors_are_one_line(tmp, args, fragment):
                           capture_output=True, text=True, env=_env(), cwd=REPO_ROOT)
   one_line_error(result.returncode, result.stderr, fragment)
   assert (tmp / "file").read_text() == "not a directory"
+
+
+def test_console_shows_one_progress_line_per_log_step_and_nothing_else(tmp):
+  """The console of a training job: which MFU denominator, then one line per log step; no TF / clu / absl INFO."""
+  env = {k: v for k, v in _env().items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+  result = subprocess.run(_cmd(tmp, "--config.total_steps=4", "--config.log_every_steps=2"), capture_output=True,
+                          text=True, env=env, cwd=REPO_ROOT, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  output = [ln for ln in (result.stdout + result.stderr).splitlines() if ln.strip()]
+  other = [ln for ln in output if " INFO: " not in ln and " WARNING: " not in ln]  # e.g. TF's C++ start-up lines
+  assert not other, other
+  lines = [ln.split(" INFO: ", 1)[1] for ln in output if " INFO: " in ln]
+  assert lines[0].startswith("MFU against a measured float32 matmul rate"), lines
+  assert [ln.split("  ")[0] for ln in lines[1:]] == ["step 2/4", "step 4/4"], lines  # no clu / absl INFO lines
+  assert all(re.fullmatch(r"step \d/4  loss \d\.\d{4}  [\d.]+ steps/s  ETA \d:\d\d:\d\d  MFU [\d.]+%", ln)
+             for ln in lines[1:]), lines
