@@ -136,8 +136,12 @@ def _out_of_memory(error: Exception) -> dict[str, Any] | None:
   text = str(error)
   if "exceeds" not in text and "RESOURCE_EXHAUSTED" not in text:
     return None
-  line = next((l.strip() for l in text.splitlines() if "exceeds" in l or "RESOURCE_EXHAUSTED" in l), text)
-  return {"fits": False, "error": line[:300]}
+  lines = [l.strip() for l in text.splitlines()]
+  line = next((l for l in lines if "exceeds" in l), next((l for l in lines if "RESOURCE_EXHAUSTED" in l), text))
+  needed = re.search(r"temporaries \(([\d.]+)G\)", text)
+  return {"fits": False, "error": line[:300], "temporaries_gib": float(needed.group(1)) if needed else None,
+          **dict.fromkeys(("hbm_per_chip_gib", "flops_per_chip", "all_gathers", "all_reduces", "reduce_scatters",
+                           "custom_calls"))}
 
 
 def plan(config: ml_collections.ConfigDict, topology: str, *, context_length: int | None = None,

@@ -51,3 +51,13 @@ def test_plan_for_the_local_devices():
 def test_cli_errors_are_one_line(args, fragment):
   result = run_cli("tools/plan.py", *args, timeout=120)
   one_line_error(result.returncode, result.stderr, fragment)
+
+
+def test_an_out_of_memory_compile_is_a_does_not_fit_report():
+  error = RuntimeError("RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of memory in memory space hbm.\n"
+                       "Ran out of memory on HBM, the total memory required for HLO temporaries (201.33G) exceeds "
+                       "available HBM (95.74G).")
+  report = planner._out_of_memory(error)
+  assert report["fits"] is False and report["temporaries_gib"] == 201.33, report
+  assert report["hbm_per_chip_gib"] is None and "exceeds available HBM" in report["error"], report
+  assert planner._out_of_memory(RuntimeError("INVALID_ARGUMENT: bad shape")) is None
