@@ -108,9 +108,10 @@ def hlo_summary(hlo_text: str, param_sizes: set[int]) -> dict[str, Any]:
 
 
 def _param_sizes(trainer: Trainer) -> set[int]:
-  """Element counts of the model's variables (trained and frozen)."""
+  """Element counts of the model's variables (trained and frozen), and of one layer of a stacked (scanned) one."""
   state, rest = trainer.abstract_state()
-  return {math.prod(leaf.shape) for leaf in jax.tree.leaves((state.params, rest))}
+  leaves = jax.tree.leaves((state.params, rest))
+  return {math.prod(leaf.shape) for leaf in leaves} | {math.prod(leaf.shape[1:]) for leaf in leaves if leaf.ndim > 2}
 
 
 def _memory(compiled, chip: hardware.Chip | None) -> dict[str, Any]:
