@@ -179,17 +179,17 @@ def plan(config: ml_collections.ConfigDict, topology: str, *, context_length: in
                 mfu=model_flops / seconds / chip.bf16_flops if seconds and chip else None)
   report.update(hlo_summary(compiled.as_text(), _param_sizes(trainer)))
   if sample:
-    report["sample"] = plan_sample(trainer, chip, len(devices))
+    report["sample"] = plan_sample(trainer, chip)
   return report
 
 
-def plan_sample(trainer: Trainer, chip: hardware.Chip | None, chips: int) -> dict[str, Any]:
+def plan_sample(trainer: Trainer, chip: hardware.Chip | None) -> dict[str, Any]:
   """The jitted sampler of ``config.sample`` on the trainer's mesh, for ``config.sample.num`` images."""
   from dit_jax.diffusion.samplers import sample
 
   config = trainer.config
   s = config.sample
-  model = nnx_abstract_model(trainer)
+  model = trainer.ema_model(*trainer.abstract_state())  # abstract: shapes only
   start = time.perf_counter()
   lowered = sample(model, kinds.get(config.model.kind).grid_cond(config, model, s.num), jax.random.key(0),
                    mesh=trainer.mesh, lower=True, method=s.method, steps=s.steps, cfg_scale=s.cfg_scale,
@@ -200,14 +200,6 @@ def plan_sample(trainer: Trainer, chip: hardware.Chip | None, chips: int) -> dic
   out.update(flops_per_chip=flops, step_s=seconds, images=s.num)
   out.update(hlo_summary(compiled.as_text(), set()))
   return out
-
-
-def nnx_abstract_model(trainer: Trainer):
-  """The trainer's model as an abstract NNX module (shapes only), for lowering the sampler."""
-  from flax import nnx
-
-  state, rest = trainer.abstract_state()
-  return nnx.merge(trainer.graphdef, state.ema, rest)
 
 
 def format_report(r: dict[str, Any]) -> str:
