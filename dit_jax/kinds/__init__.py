@@ -9,8 +9,10 @@ from __future__ import annotations
 from flax import nnx
 
 from dit_jax.kinds.base import Kind, SampleSpec
+from dit_jax.kinds.clip import CLIPTextKind
 from dit_jax.kinds.dit import DiTKind
 from dit_jax.kinds.mmdit import MMDiTKind
+from dit_jax.kinds.t5 import T5EncoderKind
 from dit_jax.kinds.vae import VAEKind
 
 KINDS: dict[str, Kind] = {}
@@ -22,7 +24,7 @@ def register(kind: Kind) -> Kind:
   return kind
 
 
-for _kind in (DiTKind(), MMDiTKind(), VAEKind()):
+for _kind in (DiTKind(), MMDiTKind(), VAEKind(), CLIPTextKind(), T5EncoderKind()):
   register(_kind)
 
 
