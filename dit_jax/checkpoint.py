@@ -12,7 +12,7 @@ import os
 import pathlib
 import shutil
 import tempfile
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -84,14 +84,18 @@ def canonical_state(model: nnx.Module) -> nnx.State:
 
 def save(model: nnx.Module, out_dir: str | os.PathLike, *, overwrite: bool = False,
          extra: dict[str, Any] | None = None, vae: nnx.Module | None = None,
-         vae_extra: dict[str, Any] | None = None) -> pathlib.Path:
+         vae_extra: dict[str, Any] | None = None,
+         bundle: Callable[[pathlib.Path], None] | None = None) -> pathlib.Path:
   """Write ``model`` (config + all parameters, including frozen tables) as a checkpoint directory, always in the
   per-block layout (a ``scan_layers`` model's blocks unstacked); ``vae`` is bundled as ``<out_dir>/vae`` so
-  samplers can decode to images."""
+  samplers can decode to images; ``bundle(tmp_dir)`` writes further parts (the text encoders) before the
+  directory appears, so a failure leaves nothing half-written."""
   with atomic_directory(out_dir, overwrite) as tmp:
     _write(model, tmp, extra)
     if vae is not None:
       _write(vae, tmp / BUNDLED_VAE, vae_extra)
+    if bundle is not None:
+      bundle(tmp)
   return pathlib.Path(out_dir)
 
 
