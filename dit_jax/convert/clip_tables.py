@@ -4,7 +4,9 @@ config inference and export.
 * ``hf``: transformers ``CLIPTextModel`` / ``CLIPTextModelWithProjection`` (``text_model.embeddings.*``,
   ``text_model.encoder.layers.N.self_attn.{q,k,v,out}_proj``, ``text_model.final_layer_norm``,
   ``text_projection.weight``): SD3's separate ``text_encoders/clip_{l,g}.safetensors``, diffusers folders, and
-  SD3 single files under ``text_encoders.clip_{l,g}.transformer.`` (:func:`strip_prefix`).
+  SD3 single files under ``text_encoders.clip_{l,g}.transformer.`` (:func:`strip_prefix`). transformers >= 5.6
+  saves a ``CLIPTextModel`` without ``text_model.`` (flattened); such files are read too, and exports always use
+  ``text_model.*``, which every transformers version loads.
 * ``openclip``: OpenCLIP's own module names (``token_embedding``, ``positional_embedding``,
   ``transformer.resblocks.N.{ln_1, attn.in_proj_*, attn.out_proj, ln_2, mlp.c_fc, mlp.c_proj}``, ``ln_final``,
   ``text_projection``), as SDXL (``conditioner.embedders.1.model.``) and SD2 single files keep them.
@@ -22,7 +24,6 @@ OpenCLIP's ``logit_scale``) are accepted and dropped.
 """
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import jax.numpy as jnp
@@ -44,7 +45,7 @@ ACT_BY_WIDTH = {768: "quick_gelu", 1280: "gelu"}
 # Per layout: the keys only that layout has (their position after a file prefix gives the prefix), the keys
 # config inference reads, and keys the upstream loaders ignore (dropped here).
 _KEYS = {
-    "hf": dict(anchor=(f"{HF_PREFIX}embeddings.token_embedding.weight",),
+    "hf": dict(anchor=("embeddings.token_embedding.weight", "embeddings.position_embedding.weight"),
                token=f"{HF_PREFIX}embeddings.token_embedding.weight",
                pos=f"{HF_PREFIX}embeddings.position_embedding.weight", blocks=f"{HF_PREFIX}encoder.layers",
                fc1=f"{HF_PREFIX}encoder.layers.0.mlp.fc1.weight", proj="text_projection.weight",
@@ -108,44 +109,60 @@ FILE_PREFIX: dict[str, str] = {}  # layout -> the key prefix of an exported file
 
 
 def _prefixes(tensors, layout: str) -> list[str]:
+  """The key prefixes in front of the layout's anchor keys (hf: ``text_model.`` included when present)."""
   first, *rest = _KEYS[layout]["anchor"]
   found = {k[:-len(first)] for k in tensors if k.endswith(first)}
   return sorted(p for p in found if all(p + k in tensors for k in rest))
 
 
-def hf_prefix(tensors: dict[str, np.ndarray]) -> str:
-  """The prefix in front of a transformers CLIP's ``text_model.*`` keys: '' for a bare state dict,
-  ``text_encoders.clip_g.transformer.`` for an SD3 single file's CLIP-G. ConversionError when the keys hold no
-  transformers CLIP or several (give one encoder's keys)."""
-  found = _prefixes(tensors, "hf")
-  if len(found) != 1:
-    raise ConversionError(f"expected one transformers CLIP text model ({HF_PREFIX}embeddings.token_embedding.weight), "
-                          + (f"found {len(found)}: under {listing(repr(p) for p in found)}" if found else "found none"))
-  return found[0]
-
-
-def strip_prefix(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-  """The encoder's keys with the file prefix in front of them removed (an SD3 single file's
-  ``text_encoders.clip_l.transformer.``, SDXL's ``conditioner.embedders.1.model.``); keys outside the prefix are
-  left out. A bare state dict of either layout is returned unchanged."""
+def _locate(tensors) -> tuple[str, str, bool] | None:
+  """(layout, file prefix, flattened) of the one CLIP text model in ``tensors``; None when there is none.
+  flattened: a transformers >= 5.6 ``CLIPTextModel`` file, whose keys lack ``text_model.``."""
   for layout in LAYOUTS:
     found = _prefixes(tensors, layout)
     if len(found) > 1:
-      raise ConversionError(f"found {len(found)} {layout} CLIP text models under {listing(repr(p) for p in found)}; "
+      raise ConversionError(f"found {len(found)} {layout} CLIP text models, under {listing(repr(p) for p in found)}; "
                             "give one encoder's keys")
     if found:
       prefix = found[0]
-      return tensors if not prefix else {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-  return tensors
+      if layout == "hf" and prefix.endswith(HF_PREFIX):
+        return layout, prefix[:-len(HF_PREFIX)], False
+      return layout, prefix, layout == "hf"
+  return None
+
+
+def hf_prefix(tensors: dict[str, np.ndarray]) -> str:
+  """The file prefix in front of a transformers CLIP's ``text_model.*`` keys: '' for a bare state dict,
+  ``text_encoders.clip_g.transformer.`` for an SD3 single file's CLIP-G. ConversionError when the keys hold no
+  transformers CLIP text model or several (give one encoder's keys)."""
+  found = _locate(tensors)
+  if found is None or found[0] != "hf":
+    raise ConversionError(f"no transformers CLIP text model ({HF_PREFIX}embeddings.token_embedding.weight) in the keys")
+  return found[1]
+
+
+def strip_prefix(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """The encoder's keys as the tables name them: the file prefix in front of them removed (an SD3 single file's
+  ``text_encoders.clip_l.transformer.``, SDXL's ``conditioner.embedders.1.model.``; keys outside it are left out)
+  and ``text_model.`` put back in front of a flattened transformers >= 5.6 ``CLIPTextModel`` file's keys. Keys
+  holding no CLIP text model are returned unchanged."""
+  found = _locate(tensors)
+  if found is None:
+    return tensors
+  _, prefix, flattened = found
+  out = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+  if flattened:
+    out = {k if k == "text_projection.weight" else HF_PREFIX + k: v for k, v in out.items()}
+  return out
 
 
 def detect_layout(tensors: dict[str, np.ndarray]) -> str:
   """'hf' or 'openclip', from the key names (a file prefix in front of them is allowed)."""
-  for layout in LAYOUTS:
-    if _prefixes(tensors, layout):
-      return layout
-  raise ConversionError(f"not a CLIP text encoder state dict: found neither {_KEYS['hf']['anchor'][0]} (hf) nor "
-                        f"{' + '.join(_KEYS['openclip']['anchor'])} (openclip)")
+  found = _locate(tensors)
+  if found is not None:
+    return found[0]
+  raise ConversionError(f"not a CLIP text encoder state dict: found neither [{HF_PREFIX}]embeddings.token_embedding"
+                        f".weight (hf) nor {' + '.join(_KEYS['openclip']['anchor'])} (openclip)")
 
 
 def _kept(tensors: dict[str, np.ndarray], layout: str) -> dict[str, np.ndarray]:
