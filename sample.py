@@ -1,11 +1,14 @@
 #!/usr/bin/env python
 """Sample from a dit_jax checkpoint: a PNG grid of chosen classes, or N samples as an ADM-evaluator .npz; for an
-MMDiT (SD3 / SD3.5), one sample per row of precomputed text embeddings.
+MMDiT (SD3 / SD3.5), one sample per prompt (with the text encoders bundled by tools/convert_torch.py) or per row of
+precomputed text embeddings.
 
   python sample.py --checkpoint ckpt/dit-xl2-256 --class-labels 207,360,387,974 --method ddpm --steps 250 \\
       --cfg-scale 4.0 --seed 0 --out grid.png
   python sample.py --checkpoint ckpt/dit-xl2-256 --num-samples 50000 --batch-size 64 --cfg-scale 1.5 \\
       --cfg-mode dit --out samples.npz        # resumable: re-run the same command after an interruption
+  python sample.py --checkpoint ckpt/sd3.5-medium --prompt "a corgi in a spacesuit" --preset sd35_medium --out a.png
+  python sample.py --checkpoint ckpt/sd3.5-medium --prompts prompts.txt --batch-size 4 --out samples.npz
   python sample.py --checkpoint ckpt/sd3.5-medium --cond cond.npz --preset sd35_medium --latent-size 128,96 \
       --out grid.png                          # or --out samples.npz (arr_0 uint8 images + float32 latents)
 
@@ -44,6 +47,14 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--num-samples", type=int, default=None, help="write this many samples to an .npz")
   p.add_argument("--batch-size", type=int, default=32, help="samples per batch (and per shard) for .npz")
   p.add_argument("--cond", default=None, help="MMDiT: .npz of text embeddings (context, pooled[, negative_*])")
+  p.add_argument("--prompt", action="append", default=None, help="MMDiT: a prompt (repeatable; needs bundled text "
+                 "encoders)")
+  p.add_argument("--prompts", default=None, help="MMDiT: a text file of prompts, one per line")
+  p.add_argument("--negative-prompt", default=None, help="MMDiT: the negative prompt (default empty)")
+  p.add_argument("--profile", default=None, choices=["diffusers", "sd35_reference"],
+                 help="prompt encoding: diffusers' StableDiffusion3Pipeline (default) or Stability's sd3_infer.py")
+  p.add_argument("--max-sequence-length", type=int, default=None, help="MMDiT: T5 tokens (diffusers profile; "
+                 "default 256, at most 512)")
   p.add_argument("--latent-size", default=None, help="MMDiT: H,W in latent pixels (default: the sample size)")
   p.add_argument("--preset", default=None, help="MMDiT sampling preset: NAME[:FLAVOUR] in configs/sampling, or a .py")
   p.add_argument("--method", default=None, help=f"one of {', '.join(METHODS)} (default: ddpm; euler for an MMDiT)")
@@ -109,7 +120,7 @@ def guidance_interval(text: str | None) -> tuple[float, float] | None:
   return lo, hi
 
 
-MMDIT_FLAGS = ("cond", "latent_size", "preset", "slg_layers", "slg_scale", "slg_start", "slg_stop")
+MMDIT_FLAGS = ("cond", "prompt", "prompts", "negative_prompt", "profile", "max_sequence_length", "latent_size", "preset", "slg_layers", "slg_scale", "slg_start", "slg_stop")
 COND_KEYS = {"context": "context", "pooled": "pooled", "negative_context": "context", "negative_pooled": "pooled"}
 
 
@@ -249,11 +260,21 @@ def run_text(args: argparse.Namespace, out: pathlib.Path) -> str:
       raise ValueError(f"{flag} is not for an MMDiT checkpoint (sample from text embeddings with --cond)")
   if args.flow_convention not in (None, "sd3"):
     raise ValueError("an MMDiT uses the sd3 flow convention")
-  if (args.cond is None) == (args.class_labels is None):
-    raise ValueError("an MMDiT checkpoint needs --cond cond.npz (context (B, L, D) and pooled (B, Dp) arrays), or "
-                     "--class-labels for a run trained on class tokens; give exactly one")
+  sources = [f for f, v in (("--cond", args.cond), ("--class-labels", args.class_labels), ("--prompt", args.prompt),
+                             ("--prompts", args.prompts)) if v is not None]
+  if len(sources) != 1:
+    raise ValueError("an MMDiT checkpoint needs --prompt TEXT / --prompts FILE, --cond cond.npz (context (B, L, D) "
+                     "and pooled (B, Dp) arrays), or --class-labels for a run trained on class tokens; give exactly "
+                     f"one{' (got ' + ', '.join(sources) + ')' if sources else ''}")
+  text_flags = [f"--{n.replace('_', '-')}" for n in ("negative_prompt", "profile", "max_sequence_length")
+                if getattr(args, n) is not None]
+  if text_flags and sources[0] not in ("--prompt", "--prompts"):
+    raise ValueError(f"{text_flags[0]} goes with --prompt / --prompts")
   training = read_meta(args.checkpoint).get("training", {})
-  if args.cond is not None:
+  prompts = read_prompts(args)
+  if prompts is not None:
+    cond, negative = None, None
+  elif args.cond is not None:
     cond, negative = read_cond(args.cond)
   else:  # a class-token run (configs/mmdit_demo.py): labels -> its fixed context / pooled tables
     from dit_jax.workdir import class_tokens_of
@@ -261,10 +282,17 @@ def run_text(args: argparse.Namespace, out: pathlib.Path) -> str:
   opts = sampling_options(args, default_shift=training.get("flow_shift", 3.0))
   dtype = jnp.bfloat16 if args.bf16 else jnp.float32
   model = dit_jax.load(args.checkpoint, dtype=dtype)
-  try:
-    check_text_cond(model.config, cond, negative)
-  except ValueError as e:
-    raise ValueError(f"--cond {pathlib.Path(args.cond).name}: {e}") from None
+  if prompts is not None:
+    from dit_jax.text import tokenizers
+    text_options = dict(profile=args.profile or "diffusers", max_sequence_length=args.max_sequence_length or 256)
+    tokenizers.check_profile(**text_options)
+    encoders = dit_jax.load_text_encoders(args.checkpoint)
+    encoders.check_fits(model.config.joint_attention_dim, model.config.pooled_projection_dim)
+  else:
+    try:
+      check_text_cond(model.config, cond, negative)
+    except ValueError as e:
+      raise ValueError(f"--cond {pathlib.Path(args.cond).name}: {e}") from None
   latent_size = None
   if args.latent_size is not None:
     latent_size = tuple(int(v) for v in _ints(args.latent_size, "--latent-size"))
@@ -272,17 +300,43 @@ def run_text(args: argparse.Namespace, out: pathlib.Path) -> str:
       raise ValueError(f"--latent-size takes H,W in latent pixels, got {args.latent_size!r}")
   latent_size = check_latent_size(model.config, latent_size)
   decode = _decoder(args, dtype)
-  key = jax.random.fold_in(jax.random.key(args.seed), 0)
-  latents = dit_jax.sample(model, cond, key, negative=negative, latent_size=latent_size, cfg_mode=args.cfg_mode,
-                           **opts)
+  key = jax.random.key(args.seed)
+  if prompts is None:
+    latents = dit_jax.sample(model, cond, jax.random.fold_in(key, 0), negative=negative, latent_size=latent_size,
+                             cfg_mode=args.cfg_mode, **opts)
+  else:  # batches of --batch-size prompts, each encoded then sampled with its own key
+    size = args.batch_size
+    latents = jnp.concatenate([
+        dit_jax.sample(model, prompts[i:i + size], jax.random.fold_in(key, i // size), negative=args.negative_prompt,
+                       encoders=encoders, latent_size=latent_size, cfg_mode=args.cfg_mode, **text_options, **opts)
+        for i in range(0, len(prompts), size)])
   images = sample_files.to_uint8(jax.device_get(decode(latents) if decode is not None else latents))
   out.parent.mkdir(parents=True, exist_ok=True)
   if out.suffix == ".npz":
-    sample_files.save_npz(out, arr_0=images, latents=np.asarray(jax.device_get(latents), np.float32))
+    text = {"prompts": np.array(prompts, dtype=np.str_)} if prompts is not None else {}
+    sample_files.save_npz(out, arr_0=images, latents=np.asarray(jax.device_get(latents), np.float32), **text)
   else:
     images = sample_files.displayable(images).repeat(args.zoom, axis=1).repeat(args.zoom, axis=2)
     sample_files.save_png(out, sample_files.image_grid(images, args.nrow))
   return f"wrote {out} ({len(images)} samples, {opts['method']} {opts['steps'] or 'default'} steps)"
+
+
+def read_prompts(args: argparse.Namespace) -> list[str] | None:
+  """--prompt (repeatable) or the lines of --prompts FILE (blank lines skipped); None when neither is given."""
+  if args.prompt is not None:
+    return args.prompt
+  if args.prompts is None:
+    return None
+  path = pathlib.Path(args.prompts)
+  if not path.is_file():
+    raise FileNotFoundError(f"--prompts file {path} not found")
+  try:
+    prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+  except UnicodeDecodeError as e:
+    raise ValueError(f"--prompts {path.name} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+  if not prompts:
+    raise ValueError(f"--prompts {path.name} holds no prompts")
+  return prompts
 
 
 RUNNERS = {"labels": run_labels, "text": run_text}  # by the model kind's conditioning (dit_jax.kinds)

@@ -8,11 +8,17 @@ Public API:
                                  -> final latents (one jitted loop; DiT: class ids, MMDiT: {"context", "pooled"})
   DiT, DiTConfig, dit_config     -> the model, its config and the paper's named configs (CONFIGS)
   MMDiT, MMDiTConfig             -> SD3 / SD3.5 multimodal DiT
+  load_text_encoders(path)       -> TextEncoders (CLIP-L, CLIP-G, T5 and their tokenizers) bundled with an SD3 model
+  encode_prompt(encoders, prompts, *, negative, profile, max_sequence_length, clip_skip)
+                                 -> {"context": (B, L, 4096), "pooled": (B, 2048)} (and the negatives)
 """
 from dit_jax.checkpoint import CheckpointError, load, load_vae, save
 from dit_jax.diffusion.samplers import sample
 from dit_jax.models.dit import CONFIGS, CONVENTIONS, DiT, DiTConfig, dit_config
 from dit_jax.models.mmdit import MMDiT, MMDiTConfig
+from dit_jax.text.conditioning import encode_prompt
+from dit_jax.text.encoders import TextEncoders, load_text_encoders
 
 __version__ = "0.1.0"
-__all__ = ["CONFIGS", "CONVENTIONS", "CheckpointError", "DiT", "DiTConfig", "MMDiT", "MMDiTConfig", "dit_config", "load", "load_vae", "sample", "save"]
+__all__ = ["CONFIGS", "CONVENTIONS", "CheckpointError", "DiT", "DiTConfig", "MMDiT", "MMDiTConfig", "TextEncoders",
+           "dit_config", "encode_prompt", "load", "load_text_encoders", "load_vae", "sample", "save"]

@@ -89,10 +89,12 @@ def test_sigterm_saves_and_exits_zero(tmp):
   except subprocess.TimeoutExpired:
     proc.kill()
     pytest.fail("trainer did not exit after SIGTERM")
-  assert proc.returncode == 0, proc.stderr.read()[-3000:]
-  saved = sorted(int(p.name) for p in (tmp / "checkpoints").iterdir() if p.name.isdigit())
+  stderr = proc.stderr.read()
+  assert proc.returncode == 0, stderr[-3000:]
+  saved = _checkpoints(tmp)
   last_logged = max(losses(tmp))
-  assert saved and saved[-1] == last_logged >= 4
+  assert saved and saved[-1] == last_logged >= 4, (saved, last_logged, sorted(
+      p.name for p in (tmp / "checkpoints").iterdir()) if (tmp / "checkpoints").is_dir() else None, stderr[-3000:])
   # a run that fails on a user error leaves the existing workdir as it was
   before = {p: p.read_bytes() for p in sorted(tmp.rglob("*")) if p.is_file()}
   result = subprocess.run(_cmd(tmp, "--config.objective=score"), capture_output=True, text=True, env=_env(),

@@ -134,7 +134,7 @@ def _clip_tensors(tensors: dict) -> dict:
 def _plan(name: str, source: Source, tokenizer, allow_nonfinite: bool) -> Planned:
   tables = t5_tables if name == "t5xxl" else clip_tables
   tensors = (t5_tables.select_t5_tensors(source.tensors) if name == "t5xxl"
-             else clip_tables.hf_prefix(_clip_tensors(source.tensors)))
+             else clip_tables.strip_prefix(_clip_tensors(source.tensors)))
   layout = tables.detect_layout(tensors)
   cfg = tables.infer_config(tensors, layout, source.diffusers_config)
   dtypes = sorted({str(getattr(a, "dtype", "float32")) for a in tensors.values()})

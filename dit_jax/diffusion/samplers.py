@@ -182,13 +182,14 @@ def sample(model: nnx.Module, cond, key: jax.Array | None = None, *, method: str
            latent_size: tuple[int, int] | None = None, noise: jax.Array | None = None,
            step_noise: jax.Array | None = None, respacing: str | None = None, eta: float = 0.0,
            shift: float | None = None, flow_convention: str | None = None, mesh: jax.sharding.Mesh | None = None,
-           lower: bool = False) -> jax.Array:
+           lower: bool = False, encoders=None, profile: str = "diffusers", max_sequence_length: int = 256,
+           clip_skip: int | None = None) -> jax.Array:
   """Sample latents from a DiT (class labels) or an MMDiT (text embeddings); the whole loop runs in one jax.jit.
 
   Args:
     model: a DiT or an MMDiT (``dit_jax.load``).
     cond: DiT: (B,) int class ids (``model.config.num_classes`` = the null class). MMDiT: {"context": (B, L,
-      joint_attention_dim), "pooled": (B, pooled_projection_dim)}.
+      joint_attention_dim), "pooled": (B, pooled_projection_dim)}, or prompt strings with ``encoders``.
     key: PRNG key for the initial latent and per-step noise (not needed when both are given).
     method: 'ddpm' | 'ddim' (VP, eps models; DiT only) or 'euler' | 'heun' | 'dpmpp_2m' | 'dpmpp_2m_sd35' | 'sde'
       (flow; schedules in :func:`flow_schedule`). Default: 'ddpm' for a DiT, 'euler' for an MMDiT.
@@ -208,11 +209,18 @@ def sample(model: nnx.Module, cond, key: jax.Array | None = None, *, method: str
     mesh: shard the batch over every axis of this mesh (parameters replicated).
     lower: return the loop lowered for ``mesh`` (a ``jax.stages.Lowered``; the model may be abstract, the mesh's
       devices compile-only, as ``tools/plan.py --sample`` uses it) instead of running it.
+    encoders, profile, max_sequence_length, clip_skip: MMDiT from prompts: ``cond`` (and ``negative``, default
+      "" as diffusers) are strings encoded by :func:`dit_jax.encode_prompt` with these text encoders
+      (:func:`dit_jax.load_text_encoders`).
   Returns:
     (B, H, W, C) final latents, float32.
   """
   if lower and mesh is None:
     raise ValueError("lower=True needs a mesh")
+  if isinstance(cond, str) or (isinstance(cond, (list, tuple)) and cond and isinstance(cond[0], str)):
+    from dit_jax.text.conditioning import prompt_cond
+    cond, negative = prompt_cond(model.config, encoders, cond, negative, profile=profile,
+                                 max_sequence_length=max_sequence_length, clip_skip=clip_skip)
   spec = kinds.of(model).prepare_sample(model.config, cond, method=method, shift=shift,
                                         flow_convention=flow_convention, negative=negative,
                                         skip_layer_guidance=skip_layer_guidance, latent_size=latent_size)

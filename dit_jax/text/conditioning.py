@@ -1,0 +1,111 @@
+"""Prompt -> SD3 conditioning: CLIP-L and CLIP-G penultimate states side by side, zero-padded to T5's width, then
+the T5 states after them along the sequence; pooled = [CLIP-L pooled, CLIP-G projected pooled].
+
+    context (B, 77 + L_t5, D_t5), pooled (B, 768 + 1280)
+
+Two profiles (see :mod:`dit_jax.text.tokenizers`): ``diffusers`` is what ``StableDiffusion3Pipeline.encode_prompt``
+computes (CLIP-L's pooled through its text projection when the checkpoint has one, T5 padded to
+``max_sequence_length``, no T5 -> that many zero tokens); ``sd35_reference`` is Stability's ``sd3_infer.py``
+(CLIP-L pooled unprojected, T5 at least 77 tokens, no T5 -> 77 zero tokens).
+"""
+from __future__ import annotations
+
+import logging
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from dit_jax.text import tokenizers
+from dit_jax.text.encoders import TextEncoders
+
+logger = logging.getLogger("dit_jax")
+
+REFERENCE_T5_TOKENS = 77  # Stability's T5 minimum length: its zero stand-in without T5 as well
+
+
+@nnx.jit(static_argnames=("hidden_layer",))
+def _clip(model, ids: jax.Array, hidden_layer: int):
+  out = model(ids, hidden_layer=hidden_layer)
+  return out["hidden"], out["pooled"], out.get("text_embeds", out["pooled"])
+
+
+@nnx.jit
+def _t5(model, ids: jax.Array):
+  return model(ids)
+
+
+def _prompts(prompts, what: str) -> list[str]:
+  if not isinstance(prompts, (str, list, tuple)):
+    raise ValueError(f"{what} must be a string or a list of strings, not {type(prompts).__name__}")
+  prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+  if not prompts:
+    raise ValueError(f"{what} is empty: give at least one prompt")
+  bad = [p for p in prompts if not isinstance(p, str)]
+  if bad:
+    raise ValueError(f"{what} must be strings, got a {type(bad[0]).__name__}")
+  return prompts
+
+
+def _encode(encoders: TextEncoders, prompts: list[str], profile: str, max_sequence_length: int,
+            clip_skip: int | None, context_dim: int) -> dict[str, jax.Array]:
+  ids = tokenizers.tokenize(encoders.tokenizers, prompts, profile=profile, max_sequence_length=max_sequence_length)
+  hidden_layer = -2 if clip_skip is None else -(clip_skip + 2)
+  l_hidden, l_pooled, l_projected = _clip(encoders.clip_l, jnp.asarray(ids["clip_l"]), hidden_layer)
+  g_hidden, _, g_projected = _clip(encoders.clip_g, jnp.asarray(ids["clip_g"]), hidden_layer)
+  clip = jnp.concatenate([l_hidden, g_hidden], axis=-1).astype(jnp.float32)
+  if encoders.t5 is not None:
+    t5 = _t5(encoders.t5, jnp.asarray(ids["t5"])).astype(jnp.float32)
+  else:
+    length = max_sequence_length if profile == "diffusers" else REFERENCE_T5_TOKENS
+    t5 = jnp.zeros((len(prompts), length, context_dim), jnp.float32)
+  clip = jnp.pad(clip, ((0, 0), (0, 0), (0, t5.shape[-1] - clip.shape[-1])))
+  pooled_l = l_projected if profile == "diffusers" else l_pooled
+  return {"context": jnp.concatenate([clip, t5], axis=1),
+          "pooled": jnp.concatenate([pooled_l, g_projected], axis=-1).astype(jnp.float32)}
+
+
+def encode_prompt(encoders: TextEncoders, prompts: str | Sequence[str], *, negative: str | Sequence[str] | None = None,
+                  profile: str = "diffusers", max_sequence_length: int = 256, clip_skip: int | None = None,
+                  context_dim: int | None = None) -> dict[str, jax.Array]:
+  """SD3 / SD3.5 text conditioning of ``prompts`` (and of ``negative``: one prompt or one per prompt).
+
+  Args:
+    encoders: :func:`dit_jax.load_text_encoders` (CLIP-L, CLIP-G and optionally T5 with their tokenizers).
+    profile: 'diffusers' (StableDiffusion3Pipeline) or 'sd35_reference' (Stability's sd3_infer.py).
+    max_sequence_length: T5 tokens in the diffusers profile (at most 512).
+    clip_skip: CLIP layers skipped before the hidden state taken (None: the penultimate layer's output).
+    context_dim: the context width without T5 (the MMDiT's joint_attention_dim; default 4096).
+  Returns:
+    {"context": (B, L, D), "pooled": (B, Dp)} float32, plus "negative_context" / "negative_pooled" when
+    ``negative`` is given.
+  """
+  prompts = _prompts(prompts, "prompts")
+  tokenizers.check_profile(profile, max_sequence_length)
+  if clip_skip is not None and not 0 <= clip_skip <= encoders.clip_layers - 2:
+    raise ValueError(f"clip_skip must be in 0..{encoders.clip_layers - 2}, got {clip_skip}")
+  width = encoders.context_dim(context_dim)
+  out = _encode(encoders, prompts, profile, max_sequence_length, clip_skip, width)
+  if negative is not None:
+    negative = _prompts(negative, "negative prompts")
+    if len(negative) not in (1, len(prompts)):
+      raise ValueError(f"{len(negative)} negative prompts for {len(prompts)} prompts: give one or one per prompt")
+    neg = _encode(encoders, negative, profile, max_sequence_length, clip_skip, width)
+    out.update({f"negative_{k}": jnp.broadcast_to(v, (len(prompts), *v.shape[1:])) for k, v in neg.items()})
+  return out
+
+
+def prompt_cond(config, encoders: TextEncoders | None, prompts, negative=None, **options) -> tuple[dict, dict]:
+  """(cond, negative) embeddings of an MMDiT's prompts for :func:`dit_jax.sample` (negative default "")."""
+  if encoders is None:
+    raise ValueError("sampling from prompts needs the text encoders: dit_jax.sample(..., "
+                     "encoders=dit_jax.load_text_encoders(checkpoint_dir))")
+  if not hasattr(config, "joint_attention_dim"):
+    raise ValueError("prompts condition an MMDiT; this model takes class labels")
+  encoders.check_fits(config.joint_attention_dim, config.pooled_projection_dim)
+  out = encode_prompt(encoders, prompts, negative="" if negative is None else negative,
+                      context_dim=config.joint_attention_dim, **options)
+  return ({"context": out["context"], "pooled": out["pooled"]},
+          {"context": out["negative_context"], "pooled": out["negative_pooled"]})
