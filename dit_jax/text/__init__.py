@@ -1,0 +1,6 @@
+"""Text conditioning for SD3: offline tokenizers (and, with the encoders, prompt -> context / pooled)."""
+from dit_jax.text.tokenizers import (PROFILES, CLIPTokenizer, T5Tokenizer, TokenizerError, check_profile,
+                                     load_tokenizers, save_tokenizers, t5_lengths, tokenize)
+
+__all__ = ["PROFILES", "CLIPTokenizer", "T5Tokenizer", "TokenizerError", "check_profile", "load_tokenizers",
+           "save_tokenizers", "t5_lengths", "tokenize"]
