@@ -80,8 +80,9 @@ def test_forward_parity(refs, variant):
     pairs["text_embeds"] = (ours["text_embeds"], ref["text_embeds"])
   else:
     assert "text_embeds" not in ours
-  pairs["hidden_states[-3] (clip_skip 1)"] = (_forward(r["ours"], ids, hidden_layer=-3)["hidden"],
-                                              ref["hidden_states"][-3])
+  if variant == "G":
+    pairs["hidden_states[-3] (clip_skip 1)"] = (_forward(r["ours"], ids, hidden_layer=-3)["hidden"],
+                                                ref["hidden_states"][-3])
   for what, (a, b) in pairs.items():
     assert a.shape == b.shape, (what, a.shape, b.shape)
     err = rel_err(a, b)
@@ -192,6 +193,10 @@ def test_strict_errors(refs):
   # a projection the config does not have
   assert "unexpected keys: text_projection.weight" in _one_line_error(
       clip_tables.to_model, tensors, dataclasses.replace(cfg, projection_dim=None), "hf")
+  nan = {**tensors, "text_model.final_layer_norm.bias": np.full(64, np.nan, np.float32)}
+  assert "NaN or Inf values in text_model.final_layer_norm.bias" in _one_line_error(clip_tables.to_model, nan, cfg,
+                                                                                    "hf")
+  assert np.isnan(clip_tables.to_model(nan, cfg, "hf", allow_nonfinite=True).final_layer_norm.bias[...]).all()
   assert "unknown CLIP text layout 'x'" in _one_line_error(clip_tables.to_model, tensors, cfg, "x")
   assert "not a CLIP text encoder state dict" in _one_line_error(clip_tables.detect_layout, {"a.weight": np.zeros(1)})
   no_fc1 = {k: v for k, v in tensors.items() if k != "text_model.encoder.layers.0.mlp.fc1.weight"}
@@ -213,11 +218,13 @@ def test_model_input_errors(refs):
 
 
 def test_presets_match_transformers_sizes():
-  """CLIP_L / CLIP_G have as many parameters as transformers' CLIPTextModelWithProjection of the same config."""
+  """CLIP_L / CLIP_G (cut to 2 layers, to build quickly) have as many parameters as transformers'
+  CLIPTextModelWithProjection of the same config."""
   from transformers import CLIPTextConfig as HFConfig
   from transformers import CLIPTextModelWithProjection
 
-  for preset in (CLIP_L, CLIP_G):
+  assert (CLIP_L.num_hidden_layers, CLIP_G.num_hidden_layers) == (12, 32)
+  for preset in (dataclasses.replace(CLIP_L, num_hidden_layers=2), dataclasses.replace(CLIP_G, num_hidden_layers=2)):
     with torch.device("meta"):
       theirs = CLIPTextModelWithProjection(HFConfig(**dataclasses.asdict(preset)))
     ours = nnx.eval_shape(lambda: CLIPTextModel(preset, rngs=nnx.Rngs(0)))

@@ -210,12 +210,13 @@ def infer_config(tensors: dict[str, np.ndarray], layout: str, diffusers_config: 
 
 
 def to_model(tensors: dict[str, np.ndarray], cfg: CLIPTextConfig, layout: str, *, dtype=jnp.float32,
-             param_dtype=jnp.float32) -> CLIPTextModel:
+             param_dtype=jnp.float32, allow_nonfinite: bool = False) -> CLIPTextModel:
   """Apply the layout's key table strictly: every source key used (but the ignored ones), every parameter filled,
-  shapes checked (a file prefix is stripped first)."""
+  shapes checked, NaN / Inf refused unless ``allow_nonfinite`` (a file prefix is stripped first)."""
   table = pick_table(LAYOUTS, layout, "CLIP text")
   abstract = nnx.eval_shape(lambda: CLIPTextModel(cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype))
-  return apply_table(_kept(tensors, layout), table(cfg), abstract, cfg, what=f"{layout} CLIP text", ops=OPS)
+  return apply_table(_kept(tensors, layout), table(cfg), abstract, cfg, what=f"{layout} CLIP text", ops=OPS,
+                     allow_nonfinite=allow_nonfinite)
 
 
 def from_model(model: CLIPTextModel, layout: str) -> dict[str, np.ndarray]:
