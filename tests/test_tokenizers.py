@@ -23,13 +23,15 @@ L_BOS, L_EOS = 49406, 49407
 
 def _prompts(n_random: int = 480, seed: int = 1) -> list[str]:
   fixed = [
-      "", " ", "   ", "\n", "\t \n ", "a", "!", "!!", "hello!", "wow! amazing!!", "a photo of a cat", "A PHOTO OF A CAT",
-      "café naïve résumé", "cafe\u0301 (NFD accent)", "東京の夜景, 桜の花", "서울 야경", "🐱 cat 🐶 dog 👩‍🚀 astronaut 👍🏽",
+      "", " ", "   ", "\n", "\t \n ", "\r\nwindows newline", "a", "!", "!!", "hello!", "wow! amazing!!",
+      "a photo of a cat", "A PHOTO OF A CAT", "café naïve résumé", "cafe\u0301 (NFD accent)", "東京の夜景, 桜の花",
+      "서울 야경", "🐱 cat 🐶 dog 👩‍🚀 astronaut 👍🏽", "<|STARTOFTEXT|>x", "<|endoftext|>!",
       "emoji only 🎨🖌️🖼️", "ｆｕｌｌｗｉｄｔｈ ＡＢＣ １２３", "ﬁ ligature ½ ² ℃", "zero\u200bwidth", "rtl مرحبا שלום",
       "line one\nline two\n\nline four", "tab\tseparated\twords", "  leading and trailing spaces  ",
       "multiple     inner     spaces", "it's a dog's life, isn't it? they're we've I'm you'll he'd",
       "numbers 1234567890 3.14159 1e10 -42 +7", "punctuation ,.;:!?-()[]{}<>@#$%^&*_=+~`|\\/\"'",
-      "a (red:1.3) cat with ((big)) eyes", "\\(escaped\\) parens \\(and:1.5\\)", "(unbalanced ( parens", "closing ) only )",
+      "a (red:1.3) cat with ((big)) eyes", "\\(escaped\\) parens \\(and:1.5\\)", "(unbalanced ( parens",
+      "closing ) only )",
       "[bracketed] {braces} <angles>", "<|endoftext|>", "<|startoftext|> hi <|endoftext|>", "<|ENDOFTEXT|> shout",
       "x<|endoftext|>y", "</s> <pad> <unk> <extra_id_0> <extra_id_99> <EXTRA_ID_1>", "<s> </s>", "!!!!!!!!!!!!!!",
       "ünïcödé ÄÖÜ ß ø å æ œ", "Ελληνικά Русский текст", "ascii control \x01\x02\x7f chars", "\u00a0nbsp\u00a0here",

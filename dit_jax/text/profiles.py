@@ -42,7 +42,8 @@ def check_profile(profile: str, max_sequence_length: int) -> None:
     raise TokenizerError(f"max_sequence_length must be an integer in 1..{MAX_T5_TOKENS}, got {max_sequence_length!r}")
 
 
-def _prompts(prompts) -> list[str]:
+def prompt_list(prompts) -> list[str]:
+  """``prompts`` (a string or a non-empty list of strings) as a list, else a one-line TokenizerError."""
   if isinstance(prompts, str):
     prompts = [prompts]
   if not isinstance(prompts, (list, tuple)) or not prompts:
@@ -190,7 +191,7 @@ def tokenize(tokenizers: dict, prompts: list[str], profile: str = "diffusers", m
   """
   check_profile(profile, max_sequence_length)
   _check_tokenizers(tokenizers)
-  prompts = _prompts(prompts)
+  prompts = prompt_list(prompts)
   if profile == "diffusers":
     out = _diffusers(tokenizers, prompts, int(max_sequence_length))
     limits = f"CLIP keeps {CLIP_TOKENS} tokens" + (f", T5 {max_sequence_length}" if "t5" in tokenizers else "")
@@ -211,7 +212,7 @@ def t5_lengths(tokenizers: dict, prompts: list[str], profile: str = "diffusers",
   """The T5 sequence length of each prompt in ``profile`` (group sd35_reference prompts by it to batch them)."""
   check_profile(profile, max_sequence_length)
   _check_tokenizers(tokenizers)
-  prompts = _prompts(prompts)
+  prompts = prompt_list(prompts)
   if "t5" not in tokenizers:
     raise TokenizerError("there is no T5 tokenizer")
   if profile == "diffusers":

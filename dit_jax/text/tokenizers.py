@@ -23,7 +23,8 @@ import numpy as np
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors
 from tokenizers.models import BPE, Unigram
 
-from dit_jax.text.profiles import PROFILES, TokenizerError, check_profile, t5_lengths, tokenize  # noqa: F401
+from dit_jax.text.profiles import (PROFILES, TokenizerError, check_profile, prompt_list, t5_lengths,  # noqa: F401
+                                   tokenize)
 
 CLIP_WORDS = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
 SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
@@ -52,20 +53,31 @@ def _added(value, *, from_map: bool = False) -> AddedToken:
   return AddedToken(str(value), special=True, normalized=False)
 
 
-def _special_tokens(folder: pathlib.Path | None, defaults: dict, file_tokens: list[AddedToken]) -> dict:
-  """{key: AddedToken}: named special tokens and extra ones, as transformers reads them from a folder's configs."""
-  config = {**defaults}
-  if folder is not None:
-    config.update({k: v for k, v in _read_json(folder / "tokenizer_config.json").items() if v is not None})
-    config.update({k: v for k, v in _read_json(folder / "special_tokens_map.json").items() if v is not None})
+def _folder_config(folder: pathlib.Path | None, spec: dict | None = None) -> tuple[dict, list[AddedToken]]:
+  """A folder's tokenizer settings and added tokens as transformers reads them: tokenizer_config.json with its
+  ``added_tokens_decoder``, or without one special_tokens_map.json over it and tokenizer.json's ``added_tokens``."""
+  if folder is None:
+    return {}, []
+  config = _read_json(folder / "tokenizer_config.json")
+  decoder = config.get("added_tokens_decoder")
+  if isinstance(decoder, dict) and decoder:
+    return config, [_added(v) for _, v in sorted(decoder.items(), key=lambda kv: int(kv[0]))]
+  config.update(_read_json(folder / "special_tokens_map.json"))
+  tokens = sorted((spec or {}).get("added_tokens") or [], key=lambda t: t.get("id", 0))
+  return config, [_added({k: v for k, v in t.items() if k != "id"}) for t in tokens]
+
+
+def _special_tokens(config: dict, defaults: dict, file_tokens: list[AddedToken]) -> dict:
+  """{key: AddedToken} of the named special tokens, and "extra": the additional ones (a file's flags win)."""
+  config = {**defaults, **{k: v for k, v in config.items() if v is not None}}
   by_content = {t.content: t for t in file_tokens}
   out = {}
   for key in SPECIAL_KEYS:
     if config.get(key) is not None:
       token = _added(config[key], from_map=True)
       out[key] = by_content.get(token.content, token)
-  extras = [_added(v) for key in EXTRA_KEYS for v in (config.get(key) or []) if not isinstance(config.get(key), dict)]
-  out["extra"] = [by_content.get(t.content, t) for t in extras]
+  extras = [v for key in EXTRA_KEYS if isinstance(config.get(key), list) for v in config[key]]
+  out["extra"] = [by_content.get(t.content, t) for t in map(_added, extras)]
   return out
 
 
@@ -125,7 +137,7 @@ class _Tokenizer:
   def encode(self, texts, max_length: int = 77, *, return_truncated: bool = False):
     """(B, max_length) int32 ids with special tokens, truncated and padded to ``max_length`` (and with
     ``return_truncated`` the per-text list of whether tokens were cut)."""
-    texts = _texts(texts)
+    texts = prompt_list(texts)
     specials = self._backend.post_processor.num_special_tokens_to_add(False)
     if isinstance(max_length, bool) or not isinstance(max_length, (int, np.integer)) \
         or max_length < max(specials, 1):
@@ -151,16 +163,6 @@ class _Tokenizer:
 
   def __repr__(self) -> str:
     return f"{type(self).__name__}(vocab_size={self.vocab_size}, pad={self.pad_token!r})"
-
-
-def _texts(texts) -> list[str]:
-  texts = [texts] if isinstance(texts, str) else texts
-  if not isinstance(texts, (list, tuple)) or not texts:
-    raise TokenizerError("give a non-empty list of prompt strings")
-  bad = [t for t in texts if not isinstance(t, str)]
-  if bad:
-    raise TokenizerError(f"prompts must be strings, got a {type(bad[0]).__name__}")
-  return list(texts)
 
 
 def _need(folder: pathlib.Path, *names: str) -> None:
@@ -205,9 +207,10 @@ class CLIPTokenizer(_Tokenizer):
     return self._backend.token_to_id(self.specials["bos_token"].content)
 
   @classmethod
-  def _build(cls, vocab, merges, folder=None, file_tokens=(), **overrides):
-    specials = _special_tokens(folder, {**cls.DEFAULTS, **overrides}, list(file_tokens))
-    return cls(cls._backend_of(vocab, merges, specials["unk_token"].content), specials, list(file_tokens))
+  def _build(cls, vocab, merges, folder=None, spec=None, **overrides):
+    config, file_tokens = _folder_config(folder, spec)
+    specials = _special_tokens(config, {**cls.DEFAULTS, **overrides}, file_tokens)
+    return cls(cls._backend_of(vocab, merges, specials["unk_token"].content), specials, file_tokens)
 
   @classmethod
   def from_files(cls, vocab_json, merges_txt, *, pad: str = "<|endoftext|>") -> "CLIPTokenizer":
@@ -232,7 +235,7 @@ class CLIPTokenizer(_Tokenizer):
       if model.get("type") != "BPE":
         raise TokenizerError(f"{folder}/tokenizer.json holds a {model.get('type')} model, not CLIP's BPE")
       merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model.get("merges", [])]
-      return cls._build(model["vocab"], merges, folder, _file_tokens(spec))
+      return cls._build(model["vocab"], merges, folder, spec)
     _need(folder, "vocab.json", "merges.txt")
     vocab, merges = BPE.read_file(str(folder / "vocab.json"), str(folder / "merges.txt"))
     return cls._build(vocab, merges, folder)
@@ -241,12 +244,6 @@ class CLIPTokenizer(_Tokenizer):
     folder = super().save(folder)
     self._save_config(folder, {"model_max_length": 77, "do_lower_case": True, "tokenizer_class": "CLIPTokenizer"})
     return folder
-
-
-def _file_tokens(spec: dict) -> list[AddedToken]:
-  """The added tokens serialized in a tokenizer.json, in id order."""
-  tokens = sorted(spec.get("added_tokens") or [], key=lambda t: t.get("id", 0))
-  return [_added({k: v for k, v in t.items() if k != "id"}) for t in tokens]
 
 
 # ---- T5
@@ -265,9 +262,9 @@ class T5Tokenizer(_Tokenizer):
         single=["$A", eos], pair=["$A", eos, "$B", eos], special_tokens=[(eos, backend.token_to_id(eos))])
 
   @classmethod
-  def _build(cls, pieces: list, charsmap: bytes | None, folder=None, file_tokens=(), source=None, extra=None):
-    defaults = {**cls.DEFAULTS, **({"additional_special_tokens": extra} if extra else {})}
-    specials = _special_tokens(folder, defaults, list(file_tokens))
+  def _build(cls, pieces: list, charsmap: bytes | None, folder=None, spec=None, source=None, extra=None):
+    config, file_tokens = _folder_config(folder, spec)
+    specials = _special_tokens(config, {**cls.DEFAULTS, "additional_special_tokens": extra or []}, file_tokens)
     backend = Tokenizer(Unigram([(p, float(s)) for p, s in pieces], unk_id=T5_UNK_ID, byte_fallback=False))
     if charsmap:
       backend.normalizer = normalizers.Precompiled(charsmap)
@@ -275,7 +272,7 @@ class T5Tokenizer(_Tokenizer):
         pre_tokenizers.WhitespaceSplit(),
         pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=True)])
     backend.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always", split=True)
-    return cls(backend, specials, list(file_tokens), source)
+    return cls(backend, specials, file_tokens, source)
 
   @classmethod
   def from_spiece(cls, spiece_model, *, extra_ids: int = T5_EXTRA_IDS, folder=None) -> "T5Tokenizer":
@@ -308,7 +305,7 @@ class T5Tokenizer(_Tokenizer):
       model = spec.get("model") or {}
       if model.get("type") != "Unigram":
         raise TokenizerError(f"{folder}/tokenizer.json holds a {model.get('type')} model, not T5's Unigram")
-      return cls._build(model["vocab"], _charsmap(spec.get("normalizer")), folder, _file_tokens(spec), source)
+      return cls._build(model["vocab"], _charsmap(spec.get("normalizer")), folder, spec, source)
     _need(folder, "spiece.model")
     extra_ids = _read_json(folder / "tokenizer_config.json").get("extra_ids", T5_EXTRA_IDS)
     return cls.from_spiece(folder / "spiece.model", extra_ids=extra_ids, folder=folder)

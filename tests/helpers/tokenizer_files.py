@@ -3,7 +3,8 @@
   CLIP: OpenAI's 49,408-token BPE vocabulary, rebuilt from the merges that open_clip's wheel ships
         (``open_clip/bpe_simple_vocab_16e6.txt.gz``): the 256 byte symbols, the same with ``</w>``, one entry per
         merge, then ``<|startoftext|>`` 49406 and ``<|endoftext|>`` 49407. Written as a diffusers ``tokenizer/``
-        (pad ``<|endoftext|>``) and ``tokenizer_2/`` (pad ``!``) folder.
+        (pad ``<|endoftext|>``, OpenAI's config layout) and ``tokenizer_2/`` (pad ``!``, an ``added_tokens_decoder``)
+        folder.
   T5:   a small SentencePiece unigram model trained here on generated text, with T5's special ids (pad 0, eos 1,
         unk 2, no bos), written as ``spiece.model`` (plus T5's config files) in a ``tokenizer_3/`` folder.
 """
@@ -45,20 +46,35 @@ def clip_vocab_and_merges(gz: pathlib.Path) -> tuple[dict[str, int], list[str]]:
   return {t: i for i, t in enumerate(tokens)}, merges
 
 
-def _special(content: str) -> dict:
-  # the serialized form of an AddedToken in OpenAI's clip-vit tokenizer_config.json
-  return {"__type": "AddedToken", "content": content, "lstrip": False, "normalized": True, "rstrip": False,
-          "single_word": False}
+def _added_token(content: str, normalized: bool) -> dict:
+  return {"content": content, "lstrip": False, "normalized": normalized, "rstrip": False, "single_word": False,
+          "special": True}
 
 
-def write_clip(folder: pathlib.Path, vocab: dict[str, int], merges: list[str], pad: str) -> pathlib.Path:
-  """A diffusers CLIP tokenizer folder: vocab.json, merges.txt, special_tokens_map.json, tokenizer_config.json."""
+def write_clip(folder: pathlib.Path, vocab: dict[str, int], merges: list[str], pad: str, *,
+               decoder: bool = False) -> pathlib.Path:
+  """A diffusers CLIP tokenizer folder: vocab.json, merges.txt, tokenizer_config.json and special_tokens_map.json.
+
+  decoder=False: OpenAI's clip-vit layout (serialized AddedTokens with "normalized": true for BOS / EOS / UNK, a
+  plain-string pad). decoder=True: the newer layout, plain strings plus an ``added_tokens_decoder`` (pad, BOS
+  normalized, EOS verbatim) that transformers reads instead of special_tokens_map.json.
+  """
   folder.mkdir(parents=True, exist_ok=True)
   (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
   (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
-  specials = {"bos_token": _special(BOS), "eos_token": _special(EOS), "unk_token": _special(EOS), "pad_token": pad}
+  if decoder:
+    specials = {"bos_token": BOS, "eos_token": EOS, "unk_token": EOS, "pad_token": pad}
+    tokens = {vocab[BOS]: _added_token(BOS, True), vocab[EOS]: _added_token(EOS, False)}
+    tokens.setdefault(vocab[pad], _added_token(pad, False))
+    extra = {"added_tokens_decoder": {str(i): tokens[i] for i in sorted(tokens)}}
+  else:
+    serialized = {"__type": "AddedToken", **_added_token(BOS, True)}
+    serialized.pop("special")
+    specials = {"bos_token": serialized, "eos_token": {**serialized, "content": EOS},
+                "unk_token": {**serialized, "content": EOS}, "pad_token": pad}
+    extra = {}
   (folder / "special_tokens_map.json").write_text(json.dumps(specials, indent=2), encoding="utf-8")
-  config = {**specials, "add_prefix_space": False, "do_lower_case": True, "errors": "replace",
+  config = {**specials, **extra, "add_prefix_space": False, "do_lower_case": True, "errors": "replace",
             "model_max_length": 77, "tokenizer_class": "CLIPTokenizer"}
   (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
   return folder
@@ -128,7 +144,7 @@ def write_pipeline_tokenizers(root: pathlib.Path, *, t5: bool = True) -> pathlib
     raise FileNotFoundError(f"open_clip's {BPE_GZ} is not installed: pip install --no-deps open-clip-torch")
   vocab, merges = clip_vocab_and_merges(gz)
   write_clip(root / "tokenizer", vocab, merges, pad=EOS)
-  write_clip(root / "tokenizer_2", vocab, merges, pad="!")
+  write_clip(root / "tokenizer_2", vocab, merges, pad="!", decoder=True)
   if t5:
     train_spiece(root / "tokenizer_3")
   return root
