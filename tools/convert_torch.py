@@ -11,8 +11,10 @@
   python tools/convert_torch.py ckpt/dit_xl2_256 dit.safetensors --to torch [--layout original|diffusers]
   python tools/convert_torch.py ckpt/sd35m sd35m.safetensors --to torch [--layout stability|diffusers]
 
-Errors are reported in one line on stderr with exit status 2; nothing already on disk is overwritten unless
---overwrite is given.
+Conversions stream tensor by tensor (peak memory: the converted model plus about one source tensor). Errors are
+reported in one line on stderr with exit status 2: option values are checked before anything is read, and
+non-float or NaN / Inf weights (unless --allow-nonfinite), a config.json that does not describe the weights and
+every key or shape mismatch are refused; nothing already on disk is overwritten unless --overwrite is given.
 """
 from __future__ import annotations
 
@@ -27,7 +29,9 @@ from dit_jax import kinds  # noqa: E402
 from dit_jax.checkpoint import BUNDLED_VAE, CheckpointError, read_meta  # noqa: E402
 from dit_jax.cli import ArgumentParser, fail  # noqa: E402
 from dit_jax.convert import ConversionError  # noqa: E402
+from dit_jax.convert.engine import FLOAT_DTYPES  # noqa: E402
 from dit_jax.convert.files import convert, export  # noqa: E402
+from dit_jax.models.vae import PRESETS  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -44,9 +48,9 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--vae", default=None, help="a VAE (diffusers folder / file, LDM or SD single file) to bundle")
   p.add_argument("--no-vae", action="store_true",
                  help="do not bundle a pipeline folder's vae/ or a single file's first_stage_model.*")
-  p.add_argument("--vae-preset", default=None,
-                 help="latent scale preset when the VAE source records none: sd-vae-ft-ema, sdxl, sd3, flux, ... "
-                      "(default for a 16-channel VAE bundled with an MMDiT: sd3)")
+  p.add_argument("--vae-preset", default=None, choices=list(PRESETS),
+                 help="latent scale preset when the VAE source records none (default for a 16-channel VAE bundled "
+                      "with an MMDiT: sd3); an error when no VAE is converted")
   p.add_argument("--weights", choices=["ema", "model"], default=None,
                  help="which weights of a DiT training checkpoint to import (default: ema)")
   p.add_argument("--num-heads", type=int, default=None,
@@ -56,7 +60,10 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--num-classes", type=int, default=None,
                  help="number of classes; equal to the label-table rows for a model trained without label dropout "
                       "(default: rows - 1, the last row being the null class)")
-  p.add_argument("--dtype", default=None, help="dtype of exported tensors (default: the imported dtype)")
+  p.add_argument("--allow-nonfinite", action="store_true",
+                 help="convert weights holding NaN / Inf (refused by default)")
+  p.add_argument("--dtype", default=None, choices=FLOAT_DTYPES,
+                 help="dtype of exported tensors (default: the imported dtype)")
   p.add_argument("--overwrite", action="store_true", help="replace an existing output")
   return p.parse_args(argv)
 
@@ -88,7 +95,8 @@ def main(argv=None) -> int:
     else:
       cfg = convert(args.src, args.out, layout=args.layout, weights=args.weights, num_heads=args.num_heads,
                     input_size=args.input_size, num_classes=args.num_classes, vae=args.vae,
-                    bundle_vae=not args.no_vae, vae_preset=args.vae_preset, overwrite=args.overwrite)
+                    bundle_vae=not args.no_vae, vae_preset=args.vae_preset, overwrite=args.overwrite,
+                    allow_nonfinite=args.allow_nonfinite)
       print(f"wrote {args.out}: {summary(cfg, pathlib.Path(args.out))}")
   except (ConversionError, CheckpointError, FileNotFoundError, PermissionError, IsADirectoryError) as e:
     return fail(e)

@@ -19,6 +19,8 @@ from dit_jax.convert.engine import (
   Path,
   Rule,
   apply_table,
+  checked_config,
+  config_agrees,
   count_blocks,
   export_table,
   listing,
@@ -31,7 +33,7 @@ from dit_jax.models.layers import sincos_2d
 
 logger = logging.getLogger("dit_jax")
 
-__all__ = ["COMPUTED", "LAYOUTS", "detect_layout", "diffusers_table", "from_model", "infer_config", "original_table",
+__all__ = ["COMPUTED", "CONFIG_CLASSES", "LAYOUTS", "detect_layout", "diffusers_table", "from_model", "infer_config", "original_table",
            "to_model"]
 
 
@@ -109,6 +111,10 @@ _SHAPE_KEYS = {
                   "proj_out_2.weight", "transformer_blocks.0.ff.net.0.proj.weight"),
 }
 _BLOCKS = {"original": "blocks", "diffusers": "transformer_blocks"}
+# diffusers classes whose config.json may describe a DiT, and the config fields that must be positive ints.
+CONFIG_CLASSES = ("DiTTransformer2DModel", "Transformer2DModel")
+_INT_FIELDS = ("sample_size", "num_attention_heads", "attention_head_dim", "num_layers", "patch_size", "in_channels",
+               "out_channels", "num_embeds_ada_norm")
 _HEADS_BY_WIDTH = {h: n for _, h, n in SIZES.values()}
 
 
@@ -132,14 +138,18 @@ def _pos_embed_values(tensors: dict[str, np.ndarray], patch: np.ndarray) -> dict
   return dict(input_size=grid * patch.shape[2])
 
 
-def _diffusers_config_values(dcfg: dict[str, Any]) -> dict[str, Any]:
-  """What diffusers' config.json tells and the shapes do not: sample size, heads, MLP LayerNorm eps."""
+def _diffusers_config_values(dcfg: dict[str, Any], hidden: int) -> dict[str, Any]:
+  """What diffusers' config.json tells and the shapes do not: sample size, heads (or the head width), MLP
+  LayerNorm eps."""
   values: dict[str, Any] = {}
-  if "sample_size" in dcfg:
-    values["input_size"] = int(dcfg["sample_size"])
-  if "num_attention_heads" in dcfg:
-    values["num_heads"] = int(dcfg["num_attention_heads"])
-  values["mlp_norm_eps"] = float(dcfg.get("norm_eps", CONVENTIONS["diffusers"]["mlp_norm_eps"]))
+  if dcfg.get("sample_size") is not None:
+    values["input_size"] = dcfg["sample_size"]
+  if dcfg.get("num_attention_heads") is not None:
+    values["num_heads"] = dcfg["num_attention_heads"]
+  elif dcfg.get("attention_head_dim") is not None and hidden % dcfg["attention_head_dim"] == 0:
+    values["num_heads"] = hidden // dcfg["attention_head_dim"]
+  eps = dcfg.get("norm_eps")
+  values["mlp_norm_eps"] = float(CONVENTIONS["diffusers"]["mlp_norm_eps"] if eps is None else eps)
   return values
 
 
@@ -165,6 +175,16 @@ def _label_values(table: np.ndarray, num_classes: int | None) -> dict[str, Any]:
   return dict(num_classes=num_classes, class_dropout_prob=0.1 if table.shape[0] == num_classes + 1 else 0.0)
 
 
+def _config_agrees(dcfg: dict[str, Any], values: dict[str, Any], table, heads_given: bool) -> None:
+  """config.json against the weights: depth, channels, patch, label rows (diffusers keeps the null row) and, unless
+  ``num_heads`` was given, the head split of the hidden size."""
+  hidden, heads = values["hidden_size"], values["num_heads"]
+  split = {} if heads_given else dict(num_attention_heads=heads, attention_head_dim=hidden // heads)
+  config_agrees(dcfg, num_layers=values["depth"], in_channels=values["in_channels"],
+                out_channels=values["in_channels"] * (2 if values["learn_sigma"] else 1),
+                patch_size=values["patch_size"], num_embeds_ada_norm=table.shape[0] - 1, **split)
+
+
 def infer_config(tensors: dict[str, np.ndarray], layout: str, diffusers_config: dict[str, Any] | None = None,
                  **overrides) -> DiTConfig:
   """Hyper-parameters from tensor shapes (plus diffusers' config.json where shapes are silent).
@@ -173,20 +193,23 @@ def infer_config(tensors: dict[str, np.ndarray], layout: str, diffusers_config: 
   (384->6, 768->12, 1024->16, 1152->16), or hidden/64. ``input_size`` comes from the stored pos_embed
   (original), config.json's ``sample_size`` (diffusers) or an override, else 32 (256 px). The label table is
   taken to end with the null-class row (class_dropout_prob 0.1, as every released DiT); pass ``num_classes``
-  equal to the row count for a model trained without label dropout.
+  equal to the row count for a model trained without label dropout. A config.json of another class, with
+  impossible values or contradicting the weights (depth, channels, patch, classes, heads) is an error.
   """
   pick_table(LAYOUTS, layout, "DiT")
+  dcfg = checked_config(diffusers_config, CONFIG_CLASSES, *_INT_FIELDS, numbers=("norm_eps",))
   patch, table, final, fc1 = [need(tensors, key) for key in _SHAPE_KEYS[layout]]
   depth = count_blocks(tensors, _BLOCKS[layout], "transformer blocks")
   if layout == "original":
     stored = _pos_embed_values(tensors, patch)
   else:
-    stored = _diffusers_config_values(diffusers_config or {})
+    stored = _diffusers_config_values(dcfg, patch.shape[0])
   values = {**_shape_values(layout, patch, table, final, fc1, depth), **stored}
   values.update(_label_values(table, overrides.pop("num_classes", None)))
   values.update({k: v for k, v in overrides.items() if v is not None})
   if values["num_heads"] is None:
     raise ConversionError(f"cannot infer the number of heads for hidden size {patch.shape[0]}; pass --num-heads")
+  _config_agrees(dcfg, values, table, overrides.get("num_heads") is not None)
   if layout == "diffusers" and "input_size" not in stored and overrides.get("input_size") is None:
     logger.warning("no sample_size in the source; assuming input_size=32 (256 px). Pass --input-size to change.")
   try:
@@ -196,12 +219,15 @@ def infer_config(tensors: dict[str, np.ndarray], layout: str, diffusers_config: 
 
 
 def to_model(tensors: dict[str, np.ndarray], cfg: DiTConfig, layout: str, *, dtype=jnp.float32,
-             param_dtype=jnp.float32, attention_impl: str = "auto") -> DiT:
-  """Apply the layout's key table strictly: every source key used, every parameter filled, shapes checked."""
+             param_dtype=jnp.float32, attention_impl: str = "auto", allow_nonfinite: bool = False) -> DiT:
+  """Apply the layout's key table strictly and streaming (:func:`~dit_jax.convert.engine.apply_table`): every
+  source key used, every parameter filled, shapes and float dtypes checked, NaN / Inf refused unless
+  ``allow_nonfinite``."""
   table = pick_table(LAYOUTS, layout, "DiT")
   abstract = nnx.eval_shape(lambda: DiT(cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype,
                                         attention_impl=attention_impl))
-  return apply_table(tensors, table(cfg), abstract, cfg, what=f"{layout} DiT", computed=COMPUTED[layout])
+  return apply_table(tensors, table(cfg), abstract, cfg, what=f"{layout} DiT", computed=COMPUTED[layout],
+                     allow_nonfinite=allow_nonfinite)
 
 
 def from_model(model: DiT, layout: str) -> dict[str, np.ndarray]:

@@ -3,9 +3,16 @@
     convert(src, out_dir)                  # any supported source -> dit_jax checkpoint directory
     convert_vae(src)                       # (AutoencoderKL, meta) from a VAE source
     export(ckpt_dir, out_file, layout=...) # dit_jax checkpoint -> safetensors ('original' / 'stability' / 'diffusers')
+
+Conversions stream: the source is read lazily (:class:`~dit_jax.convert.readers.LazyTensor`), the key table fills
+the model one parameter at a time, and the checkpoint is written in bounded data files, so the peak memory is the
+converted model plus about one source tensor. They are strict: option values are checked before anything is read,
+and non-float or NaN / Inf weights (unless ``allow_nonfinite``), a config.json that does not describe the weights
+and every key mismatch are one-line ConversionErrors; nothing on disk changes unless the conversion succeeds.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import pathlib
@@ -14,18 +21,73 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
+from flax import nnx
+
 from dit_jax import checkpoint, kinds
 from dit_jax.convert import dit_tables, mmdit_tables, vae_tables
+from dit_jax.convert.engine import FLOAT_DTYPES
 from dit_jax.convert.readers import ConversionError, Source, from_numpy, read_source
-from dit_jax.models.vae import AutoencoderKL
+from dit_jax.models.vae import PRESETS, AutoencoderKL
 
 logger = logging.getLogger("dit_jax")
 
 __all__ = ["convert", "convert_vae", "export"]
 
+LAYOUTS = ("auto", "original", "diffusers", "stability")  # convert's layout argument
+# Target size of the OCDBT data files a conversion writes: orbax's default (2 GiB) buffers a whole model's
+# parameters while saving, a second copy of the model in memory.
+DATA_FILE_BYTES = 64 << 20
+
+
+def _write(model: nnx.Module, directory: pathlib.Path, extra: dict[str, Any] | None) -> None:
+  """:func:`dit_jax.checkpoint.save`'s directory layout (``dit_jax.json`` + orbax ``params/``), the parameters
+  written in :data:`DATA_FILE_BYTES` data files."""
+  import orbax.checkpoint as ocp
+
+  meta = {"format_version": checkpoint.FORMAT_VERSION, "kind": kinds.of(model).name,
+          "config": model.config.to_dict(), **(extra or {})}
+  directory.mkdir(parents=True, exist_ok=True)
+  (directory / checkpoint.META).write_text(json.dumps(meta, indent=2) + "\n")
+  with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as ckptr:
+    ckptr.save(directory / "params", args=ocp.args.PyTreeSave(checkpoint.canonical_state(model),
+                                                              ocdbt_target_data_file_size=DATA_FILE_BYTES))
+
+
+def _save(model: nnx.Module, out_dir, *, overwrite: bool, extra: dict[str, Any] | None,
+          vae: nnx.Module | None = None, vae_extra: dict[str, Any] | None = None) -> None:
+  """:func:`dit_jax.checkpoint.save` without a second in-memory copy of the parameters (see :func:`_write`)."""
+  with checkpoint.atomic_directory(out_dir, overwrite) as tmp:
+    _write(model, tmp, extra)
+    if vae is not None:
+      _write(vae, tmp / checkpoint.BUNDLED_VAE, vae_extra)
+
+
+def _positive(name: str, value) -> None:
+  if value is not None and not (isinstance(value, int) and not isinstance(value, bool) and value > 0):
+    raise ConversionError(f"{name}={value!r} is not a positive integer")
+
+
+def _check_preset(preset: str | None) -> None:
+  if preset is not None and preset not in PRESETS:
+    raise ConversionError(f"unknown VAE preset {preset!r}; choose one of {', '.join(PRESETS)}")
+
+
+def _check_options(*, layout: str, weights: str | None, num_heads, input_size, num_classes, vae, bundle_vae: bool,
+                   vae_preset: str | None) -> None:
+  """convert's option values, checked before anything is read (each problem a one-line ConversionError)."""
+  if layout not in LAYOUTS:
+    raise ConversionError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
+  if weights not in (None, "ema", "model"):
+    raise ConversionError(f"weights={weights!r}: choose 'ema' or 'model'")
+  for name, value in (("num_heads", num_heads), ("input_size", input_size), ("num_classes", num_classes)):
+    _positive(name, value)
+  _check_preset(vae_preset)
+  if vae is not None and not bundle_vae:
+    raise ConversionError("a VAE to bundle (--vae) and bundle_vae=False (--no-vae) contradict each other")
+
 
 def _source_meta(src, tensors: dict[str, np.ndarray], description: str, layout: str) -> dict[str, Any]:
-  dtypes = sorted({str(a.dtype) for a in tensors.values()})
+  dtypes = sorted({np.dtype(a.dtype).name for a in tensors.values()})
   return {"source": {"path": str(src), "layout": layout, "description": description,
                      "dtype": dtypes[0] if len(dtypes) == 1 else "float32"}}
 
@@ -35,46 +97,58 @@ def _is_vae(tensors: dict[str, np.ndarray]) -> bool:
   return any(k.startswith(("encoder.down_blocks.", "encoder.down.")) for k in keys)
 
 
-def _vae_from_source(src, source: Source, preset: str | None, *, default_16ch: str | None = None, **scales):
+def _vae_from_source(src, source: Source, preset: str | None, *, default_16ch: str | None = None,
+                     allow_nonfinite: bool = False, **scales):
   tensors = vae_tables.select_vae_tensors(source.tensors)
   layout = vae_tables.detect_layout(tensors)
   conv_in = tensors.get("decoder.conv_in.weight")
   if preset is None and default_16ch and conv_in is not None and conv_in.shape[1] == 16:
     preset = default_16ch  # config.json values, when the source has them, still take precedence
   cfg = vae_tables.infer_config(tensors, layout, source.diffusers_config, preset=preset, **scales)
-  return vae_tables.to_model(tensors, cfg, layout), _source_meta(src, tensors, source.description, layout)
+  return (vae_tables.to_model(tensors, cfg, layout, allow_nonfinite=allow_nonfinite),
+          _source_meta(src, tensors, source.description, layout))
 
 
 def convert_vae(src: str | os.PathLike, *, preset: str | None = None, scaling_factor: float | None = None,
-                shift_factor: float | None = None):
+                shift_factor: float | None = None, allow_nonfinite: bool = False):
   """(AutoencoderKL, meta) from a diffusers AutoencoderKL folder / safetensors or an LDM / SD single file
-  (``first_stage_model.*`` keys are taken from a full checkpoint, everything else in it is left alone)."""
-  return _vae_from_source(src, read_source(src), preset, scaling_factor=scaling_factor, shift_factor=shift_factor)
+  (``first_stage_model.*`` keys are taken from a full checkpoint, everything else in it is left alone); read
+  tensor by tensor, strict as :func:`convert`."""
+  _check_preset(preset)
+  return _vae_from_source(src, read_source(src, lazy=True), preset, scaling_factor=scaling_factor,
+                          shift_factor=shift_factor, allow_nonfinite=allow_nonfinite)
 
 
 def _bundled_vae(src, vae, file_vae: dict | None, preset: str | None, *, default_16ch: str | None,
-                 latent_channels: int, what: str) -> tuple[AutoencoderKL | None, dict | None]:
+                 latent_channels: int, what: str, allow_nonfinite: bool) -> tuple[AutoencoderKL | None, dict | None]:
   """(VAE, meta) to bundle with a ``what`` ('DiT' / 'MMDiT'): ``vae`` if given, else a pipeline folder's
   ``vae/``, else the VAE tensors of a single file (``file_vae``); (None, None) when there is none."""
   pipeline_vae = pathlib.Path(src) / "vae"
   if vae is not None:
-    vae_src, vae_source = vae, read_source(vae)
+    vae_src, vae_source = vae, read_source(vae, lazy=True)
   elif pipeline_vae.is_dir():
-    vae_src, vae_source = pipeline_vae, read_source(pipeline_vae)
+    vae_src, vae_source = pipeline_vae, read_source(pipeline_vae, lazy=True)
   elif file_vae:
     vae_src, vae_source = src, Source(file_vae, f"{src} ({mmdit_tables.VAE_PREFIX}*)")
   else:
     return None, None
-  model, meta = _vae_from_source(vae_src, vae_source, preset, default_16ch=default_16ch)
+  model, meta = _vae_from_source(vae_src, vae_source, preset, default_16ch=default_16ch,
+                                 allow_nonfinite=allow_nonfinite)
   if model.config.latent_channels != latent_channels:
     raise ConversionError(f"the VAE has {model.config.latent_channels} latent channels, the {what} takes "
                           f"{latent_channels}")
   return model, meta
 
 
+def _no_vae(vae_preset: str | None, what: str) -> None:
+  if vae_preset is not None:
+    raise ConversionError(f"--vae-preset {vae_preset} applies to a VAE, and this {what} is converted without one "
+                          "(no --vae, pipeline vae/ folder or first_stage_model.* keys, or --no-vae)")
+
+
 def _convert_mmdit(src, source: Source, parts: tuple[dict, dict, int], out_dir, *, layout: str,
                    num_heads: int | None, input_size: int | None, vae, bundle_vae: bool, vae_preset: str | None,
-                   overwrite: bool):
+                   overwrite: bool, allow_nonfinite: bool):
   """An MMDiT (Stability single file, bare mmditx / diffusers state dict, SD3 pipeline folder) and its VAE."""
   tensors, file_vae, ignored = parts
   found = mmdit_tables.detect_layout(tensors)
@@ -85,35 +159,43 @@ def _convert_mmdit(src, source: Source, parts: tuple[dict, dict, int], out_dir, 
                 ", ".join(f"{p}*" for p in mmdit_tables.TEXT_ENCODER_PREFIXES), src)
   cfg = mmdit_tables.infer_config(tensors, found, source.diffusers_config, num_attention_heads=num_heads,
                                   sample_size=input_size)
-  model = mmdit_tables.to_model(tensors, cfg, found)
-  vae_model, vae_meta = (_bundled_vae(src, vae, file_vae, vae_preset, default_16ch="sd3",
-                                      latent_channels=cfg.in_channels, what="MMDiT") if bundle_vae else (None, None))
-  checkpoint.save(model, out_dir, overwrite=overwrite, extra=_source_meta(src, tensors, source.description, found),
-                  vae=vae_model, vae_extra=vae_meta)
+  model = mmdit_tables.to_model(tensors, cfg, found, allow_nonfinite=allow_nonfinite)
+  vae_model, vae_meta = (_bundled_vae(src, vae, file_vae, vae_preset, default_16ch="sd3", latent_channels=cfg.in_channels,
+                                      what="MMDiT", allow_nonfinite=allow_nonfinite)
+                         if bundle_vae else (None, None))
+  if vae_model is None:
+    _no_vae(vae_preset, "MMDiT")
+  _save(model, out_dir, overwrite=overwrite, extra=_source_meta(src, tensors, source.description, found),
+        vae=vae_model, vae_extra=vae_meta)
   return cfg
 
 
 def _convert_dit(src, source: Source, out_dir, *, layout: str, num_heads: int | None, input_size: int | None,
-                 num_classes: int | None, vae, bundle_vae: bool, vae_preset: str | None, overwrite: bool):
+                 num_classes: int | None, vae, bundle_vae: bool, vae_preset: str | None, overwrite: bool,
+                 allow_nonfinite: bool):
   """A DiT (original or diffusers layout, file, folder or DiTPipeline folder) and its VAE."""
   found = dit_tables.detect_layout(source.tensors)
   if layout not in ("auto", found):
     raise ConversionError(f"{src} is in the {found} layout, not {layout}")
   cfg = dit_tables.infer_config(source.tensors, found, source.diffusers_config, num_heads=num_heads,
                                 input_size=input_size, num_classes=num_classes)
-  model = dit_tables.to_model(source.tensors, cfg, found)
+  model = dit_tables.to_model(source.tensors, cfg, found, allow_nonfinite=allow_nonfinite)
   vae_model, vae_meta = (_bundled_vae(src, vae, None, vae_preset, default_16ch=None, latent_channels=cfg.in_channels,
-                                      what="DiT") if bundle_vae else (None, None))
-  checkpoint.save(model, out_dir, overwrite=overwrite, extra=_source_meta(src, source.tensors, source.description,
-                                                                          found), vae=vae_model, vae_extra=vae_meta)
+                                      what="DiT", allow_nonfinite=allow_nonfinite) if bundle_vae else (None, None))
+  if vae_model is None:
+    _no_vae(vae_preset, "DiT")
+  _save(model, out_dir, overwrite=overwrite, extra=_source_meta(src, source.tensors, source.description, found),
+        vae=vae_model, vae_extra=vae_meta)
   return cfg
 
 
 def convert(src: str | os.PathLike, out_dir: str | os.PathLike, *, layout: str = "auto", weights: str | None = None,
             num_heads: int | None = None, input_size: int | None = None, num_classes: int | None = None,
             vae: str | os.PathLike | None = None, bundle_vae: bool = True, vae_preset: str | None = None,
-            overwrite: bool = False):
+            overwrite: bool = False, allow_nonfinite: bool = False):
   """Convert a PyTorch DiT, MMDiT or VAE checkpoint into a dit_jax checkpoint directory; returns the model config.
+
+  Streams (peak memory: the converted model plus about one source tensor) and is strict: see the module docstring.
 
   Args:
     src: a DiT (original ``.pt``/``.safetensors`` state dict or training checkpoint, diffusers folder or file, or
@@ -128,10 +210,14 @@ def convert(src: str | os.PathLike, out_dir: str | os.PathLike, *, layout: str =
     vae: a VAE source to bundle (``<out_dir>/vae``); by default a pipeline folder's ``vae/`` or a Stability single
       file's ``first_stage_model.*`` is bundled (``bundle_vae=False`` to skip).
     vae_preset: 'sd-vae-ft-ema', 'sdxl', 'sd3', 'flux', ... for latent scales a source does not record (a
-      16-channel VAE bundled with an MMDiT defaults to 'sd3').
+      16-channel VAE bundled with an MMDiT defaults to 'sd3'); an error when no VAE is converted.
+    allow_nonfinite: convert NaN / Inf weights instead of refusing them.
   """
-  source: Source = read_source(src, weights)
-  bundling = dict(vae=vae, bundle_vae=bundle_vae, vae_preset=vae_preset, overwrite=overwrite)
+  _check_options(layout=layout, weights=weights, num_heads=num_heads, input_size=input_size,
+                 num_classes=num_classes, vae=vae, bundle_vae=bundle_vae, vae_preset=vae_preset)
+  source: Source = read_source(src, weights, lazy=True)
+  bundling = dict(vae=vae, bundle_vae=bundle_vae, vae_preset=vae_preset, overwrite=overwrite,
+                  allow_nonfinite=allow_nonfinite)
   mmdit_parts = mmdit_tables.select_mmdit(source.tensors)
   if mmdit_parts is not None:
     if num_classes is not None:
@@ -142,18 +228,22 @@ def convert(src: str | os.PathLike, out_dir: str | os.PathLike, *, layout: str =
     raise ConversionError(f"{src} is not an MMDiT (no context_embedder.weight + joint_blocks.* / "
                           "transformer_blocks.*): the stability layout applies to MMDiT checkpoints only")
   if layout == "auto" and _is_vae(source.tensors) and "x_embedder.proj.weight" not in source.tensors:
-    model, meta = convert_vae(src, preset=vae_preset)
-    checkpoint.save(model, out_dir, overwrite=overwrite, extra=meta)
+    model, meta = _vae_from_source(src, source, vae_preset, allow_nonfinite=allow_nonfinite)
+    _save(model, out_dir, overwrite=overwrite, extra=meta)
     return model.config
   return _convert_dit(src, source, out_dir, layout=layout, num_heads=num_heads, input_size=input_size,
                       num_classes=num_classes, **bundling)
 
 
 def _numpy_dtype(dtype: str):
+  """A float dtype for exported tensors, by name (FLOAT_DTYPES)."""
   try:
-    return jnp.dtype(dtype)
+    np_dtype = jnp.dtype(dtype)
   except TypeError:
-    raise ConversionError(f"unknown dtype {dtype!r}") from None
+    raise ConversionError(f"unknown dtype {dtype!r}; choose one of {', '.join(FLOAT_DTYPES)}") from None
+  if np_dtype.name not in FLOAT_DTYPES:
+    raise ConversionError(f"dtype {dtype!r} is not a float dtype; choose one of {', '.join(FLOAT_DTYPES)}")
+  return np_dtype
 
 
 def _save_safetensors(arrays: dict[str, np.ndarray], out: pathlib.Path, dtype, layout: str) -> None:
@@ -182,11 +272,14 @@ def export(ckpt_dir: str | os.PathLike, out_file: str | os.PathLike, *, layout: 
   if out.exists() and not overwrite:
     raise ConversionError(f"{out} already exists (use --overwrite to replace it)")
   meta = checkpoint.read_meta(ckpt_dir)
-  model = checkpoint.load(ckpt_dir)
   np_dtype = _numpy_dtype(dtype or meta.get("source", {}).get("dtype", "float32"))
   tables = kinds.get(meta["kind"]).tables
   layout = tables.ORIGINAL_LAYOUT if layout == "original" else layout
+  if layout not in tables.LAYOUTS:  # checked before the (possibly large) checkpoint is loaded
+    raise ConversionError(f"a {meta['kind']} exports in the {' / '.join(tables.LAYOUTS)} layouts (or original), "
+                          f"not {layout!r}")
   prefix = tables.FILE_PREFIX.get(layout, "")
+  model = checkpoint.load(ckpt_dir)
   arrays = {prefix + k: v for k, v in tables.from_model(model, layout).items()}
   _save_safetensors(arrays, out, np_dtype, layout)
   return out

@@ -25,6 +25,8 @@ from dit_jax.convert.engine import (
   Path,
   Rule,
   apply_table,
+  checked_config,
+  config_agrees,
   count_blocks,
   export_table,
   key_indices,
@@ -204,6 +206,13 @@ def detect_layout(tensors: dict[str, np.ndarray]) -> str:
                         "x_embedder.proj.weight + joint_blocks.* (stability)")
 
 
+# diffusers classes whose config.json may describe an MMDiT, and the config fields that must be positive ints.
+CONFIG_CLASSES = ("SD3Transformer2DModel",)
+_INT_FIELDS = ("sample_size", "patch_size", "in_channels", "num_layers", "attention_head_dim", "num_attention_heads",
+               "joint_attention_dim", "caption_projection_dim", "pooled_projection_dim", "out_channels",
+               "pos_embed_max_size")
+
+
 # Per layout: the keys config inference reads (``attn2`` matches the blocks with a second, MMDiT-X attention).
 _KEYS = {
     "diffusers": dict(blocks="transformer_blocks", patch="pos_embed.proj.weight", pos="pos_embed.pos_embed",
@@ -219,16 +228,19 @@ _KEYS = {
 def _head_dim(hidden: int, depth: int, layout: str, norm_q, dcfg: dict[str, Any], overrides: dict[str, Any]) -> int:
   """The head width: an override, the QK-norm width, config.json, else Stability's rule (heads = depth) for its
   own layout and 64-wide heads (every released SD3) for diffusers' state dicts."""
+  for name in ("attention_head_dim", "num_attention_heads"):
+    if overrides.get(name) is not None and overrides[name] <= 0:
+      raise ConversionError(f"{name}={overrides[name]} is not a positive integer")
   if overrides.get("attention_head_dim"):
     head_dim = int(overrides["attention_head_dim"])
   elif overrides.get("num_attention_heads"):
     head_dim = hidden // int(overrides["num_attention_heads"])
   elif norm_q is not None:
     head_dim = norm_q.shape[0]
-  elif "attention_head_dim" in dcfg:
-    head_dim = int(dcfg["attention_head_dim"])
-  elif "num_attention_heads" in dcfg:
-    head_dim = hidden // int(dcfg["num_attention_heads"])
+  elif dcfg.get("attention_head_dim") is not None:
+    head_dim = dcfg["attention_head_dim"]
+  elif dcfg.get("num_attention_heads") is not None:
+    head_dim = hidden // dcfg["num_attention_heads"]
   else:
     head_dim = 64 if layout == "diffusers" else hidden // depth
   if head_dim <= 0 or hidden % head_dim:
@@ -242,10 +254,11 @@ def infer_config(tensors: dict[str, np.ndarray], layout: str, diffusers_config: 
   """MMDiTConfig from the shapes of a diffusers ``SD3Transformer2DModel`` or Stability single-file state dict
   (a ``model.diffusion_model.`` prefix is stripped first; diffusers' config.json only for ``sample_size``,
   default 128, and, without QK norm, the head split). pre-only last block, QK norm and MMDiT-X layers are
-  detected by key presence."""
+  detected by key presence. A config.json of another class, with impossible values or contradicting the weights
+  is an error naming the field."""
   pick_table(LAYOUTS, layout, "MMDiT")
   keys = _KEYS[layout]
-  dcfg = diffusers_config or {}
+  dcfg = checked_config(diffusers_config, CONFIG_CLASSES, *_INT_FIELDS, int_lists=("dual_attention_layers",))
   tensors = strip_stability_prefix(tensors)
   patch = need(tensors, keys["patch"], "MMDiT")
   pos = need(tensors, keys["pos"], "MMDiT")
@@ -263,12 +276,15 @@ def infer_config(tensors: dict[str, np.ndarray], layout: str, diffusers_config: 
   norm_q = tensors.get(keys["norm_q"])
   head_dim = _head_dim(hidden, depth, layout, norm_q, dcfg, overrides)
   values = dict(
-      sample_size=int(dcfg.get("sample_size", 128)), patch_size=p, in_channels=in_channels, num_layers=depth,
+      sample_size=dcfg.get("sample_size") or 128, patch_size=p, in_channels=in_channels, num_layers=depth,
       attention_head_dim=head_dim, num_attention_heads=hidden // head_dim,
       joint_attention_dim=context.shape[1], caption_projection_dim=context.shape[0],
       pooled_projection_dim=pooled.shape[1], out_channels=out_channels, pos_embed_max_size=grid,
       qk_norm="rms_norm" if norm_q is not None else None,
       dual_attention_layers=tuple(key_indices(tensors, keys["attn2"])))
+  heads_given = overrides.get("attention_head_dim") or overrides.get("num_attention_heads")
+  config_agrees(dcfg, nullable=("qk_norm",), **{k: v for k, v in values.items() if k != "sample_size" and not (
+      heads_given and k in ("attention_head_dim", "num_attention_heads"))})
   values.update({k: v for k, v in overrides.items()
                  if v is not None and k not in ("attention_head_dim", "num_attention_heads")})
   try:
@@ -278,13 +294,15 @@ def infer_config(tensors: dict[str, np.ndarray], layout: str, diffusers_config: 
 
 
 def to_model(tensors: dict[str, np.ndarray], cfg: MMDiTConfig, layout: str, *, dtype=jnp.float32,
-             param_dtype=jnp.float32, attention_impl: str = "auto") -> MMDiT:
-  """Apply the layout's key table strictly: every source key used, every parameter filled, shapes checked
-  (a ``model.diffusion_model.`` prefix is stripped first)."""
+             param_dtype=jnp.float32, attention_impl: str = "auto", allow_nonfinite: bool = False) -> MMDiT:
+  """Apply the layout's key table strictly and streaming (:func:`~dit_jax.convert.engine.apply_table`): every
+  source key used, every parameter filled, shapes and float dtypes checked, NaN / Inf refused unless
+  ``allow_nonfinite`` (a ``model.diffusion_model.`` prefix is stripped first)."""
   table = pick_table(LAYOUTS, layout, "MMDiT")
   abstract = nnx.eval_shape(lambda: MMDiT(cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype,
                                           attention_impl=attention_impl))
-  return apply_table(strip_stability_prefix(tensors), table(cfg), abstract, cfg, what=f"{layout} MMDiT", ops=OPS)
+  return apply_table(strip_stability_prefix(tensors), table(cfg), abstract, cfg, what=f"{layout} MMDiT", ops=OPS,
+                     allow_nonfinite=allow_nonfinite)
 
 
 def from_model(model: MMDiT, layout: str) -> dict[str, np.ndarray]:

@@ -35,6 +35,8 @@ from dit_jax.convert.engine import (
   Path,
   Rule,
   apply_table,
+  checked_config,
+  config_agrees,
   count_numbered,
   export_table,
   listing,
@@ -46,10 +48,13 @@ from dit_jax.models.vae import PRESETS, AutoencoderKL, VAEConfig
 
 logger = logging.getLogger("dit_jax")
 
-__all__ = ["LAYOUTS", "OPS", "detect_layout", "diffusers_table", "from_model", "infer_config", "ldm_table",
+__all__ = ["CONFIG_CLASSES", "LAYOUTS", "OPS", "detect_layout", "diffusers_table", "from_model", "infer_config", "ldm_table",
            "select_vae_tensors", "to_model"]
 
 LDM_PREFIX = "first_stage_model."
+# diffusers classes whose config.json may describe this VAE, and the config fields that must be positive ints.
+CONFIG_CLASSES = ("AutoencoderKL",)
+_INT_FIELDS = ("in_channels", "out_channels", "latent_channels", "layers_per_block", "norm_num_groups", "sample_size")
 
 # op -> (torch -> jax, jax -> torch); the engine's ops plus conv kernels and 1x1-conv attention projections.
 OPS: dict[str, tuple[Callable, Callable]] = {
@@ -201,7 +206,7 @@ def _scale_values(preset: str | None, dcfg: dict[str, Any], overrides: dict[str,
     p = PRESETS[preset]
     scales.update(norm_num_groups=p.norm_num_groups, scaling_factor=p.scaling_factor, shift_factor=p.shift_factor)
   for key in ("norm_num_groups", "scaling_factor", "shift_factor"):
-    if dcfg.get(key) is not None:
+    if dcfg.get(key) is not None:  # (checked_config made them numbers)
       scales[key] = dcfg[key]
   scales.update({k: v for k, v in overrides.items() if v is not None})
   return scales
@@ -215,11 +220,15 @@ def infer_config(tensors: dict[str, np.ndarray], layout: str, diffusers_config: 
   ``norm_num_groups`` and the latent ``scaling_factor`` / ``shift_factor`` come from (lowest priority first):
   defaults (32 groups; 0.18215 / 0 for 4 latent channels), ``preset`` ('sdxl', 'sd3', 'flux', ...),
   diffusers' config.json, then ``overrides``. A 16-channel VAE (SD3 or FLUX, whose scales differ) without a
-  config, preset or explicit scaling_factor is an error.
+  config, preset or explicit scaling_factor is an error, and so is a config.json of another class, with impossible
+  values or contradicting the weights.
   """
   pick_table(LAYOUTS, layout, "VAE")
+  dcfg = checked_config(diffusers_config, CONFIG_CLASSES, *_INT_FIELDS, int_lists=("block_out_channels",),
+                        numbers=("scaling_factor", "shift_factor"))
   values = _shape_values(tensors, layout)
-  scales = _scale_values(preset, diffusers_config or {}, overrides)
+  config_agrees(dcfg, **values)
+  scales = _scale_values(preset, dcfg, overrides)
   if "scaling_factor" not in scales:
     if values["latent_channels"] != 4:
       raise ConversionError(f"a {values['latent_channels']}-channel VAE has no standard latent scale; pass "
@@ -232,11 +241,14 @@ def infer_config(tensors: dict[str, np.ndarray], layout: str, diffusers_config: 
 
 
 def to_model(tensors: dict[str, np.ndarray], cfg: VAEConfig, layout: str, *, dtype=jnp.float32,
-             param_dtype=jnp.float32) -> AutoencoderKL:
-  """Apply the layout's key table strictly: every source key used, every parameter filled, shapes checked."""
+             param_dtype=jnp.float32, allow_nonfinite: bool = False) -> AutoencoderKL:
+  """Apply the layout's key table strictly and streaming (:func:`~dit_jax.convert.engine.apply_table`): every
+  source key used, every parameter filled, shapes and float dtypes checked, NaN / Inf refused unless
+  ``allow_nonfinite``."""
   table = pick_table(LAYOUTS, layout, "VAE")
   abstract = nnx.eval_shape(lambda: AutoencoderKL(cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype))
-  return apply_table(tensors, table(cfg), abstract, cfg, what=f"{layout} VAE", ops=OPS)
+  return apply_table(tensors, table(cfg), abstract, cfg, what=f"{layout} VAE", ops=OPS,
+                     allow_nonfinite=allow_nonfinite)
 
 
 def from_model(model: AutoencoderKL, layout: str) -> dict[str, np.ndarray]:
