@@ -161,7 +161,6 @@ def _pipeline_ids(oracle, prompts, max_sequence_length):
   return {"clip_l": context[:, :77, 0], "clip_g": context[:, :77, 1], "t5": context[:, 77:, 0]}
 
 
-@pytest.mark.slow  # importing diffusers' pipeline alone takes ~15 s here
 def test_diffusers_profile_matches_pipeline(ours, oracle):
   """The ids StableDiffusion3Pipeline.encode_prompt feeds its three encoders (its truncation warnings decode the cut
   text, slow for long prompts: a subset)."""
@@ -400,6 +399,15 @@ def test_errors(ours, files, tmp_path):
   (tmp_path / "bad.model").write_bytes(b"not a model")
   _one_line(lambda: tok.T5Tokenizer.from_spiece(tmp_path / "bad.model"), "SentencePiece")
   _one_line(lambda: tok.load_tokenizers(tmp_path / "empty"), "no tokenizer/ folder")
+  (tmp_path / "broken").mkdir()
+  (tmp_path / "broken" / "vocab.json").write_text("{not json")
+  (tmp_path / "broken" / "merges.txt").write_text("#version: 0.2\na b\n")
+  _one_line(lambda: tok.CLIPTokenizer.from_dir(tmp_path / "broken"), "cannot read")
+  (tmp_path / "broken" / "tokenizer.json").write_text("{broken")
+  _one_line(lambda: tok.CLIPTokenizer.from_dir(tmp_path / "broken"), "not readable JSON")
+  _one_line(lambda: tok.T5Tokenizer.from_dir(tmp_path / "broken"), "not readable JSON")
+  ours["clip_l"].save(tmp_path / "clip")
+  _one_line(lambda: tok.T5Tokenizer.from_dir(tmp_path / "clip"), "not T5's Unigram")
   _one_line(lambda: tok.load(files / "tokenizer", "bert"), "kind must be")
   _one_line(lambda: tok.load(files / "tokenizer", "t5"), "has no spiece.model")
   for profile, length, match in [("comfy", 256, "unknown text profile"), ("diffusers", 0, "1..512"),

@@ -1,8 +1,8 @@
 """Offline tokenizers for SD3's text encoders, on HF's ``tokenizers`` library (no transformers at run time).
 
   CLIPTokenizer  byte-level BPE (OpenAI CLIP, 49,408 ids): NFC -> collapse whitespace -> lowercase, CLIP's word
-                 regex, ``</w>`` word ends, ``<|startoftext|>`` ids ``<|endoftext|>``. CLIP-L pads with
-                 ``<|endoftext|>`` (49407), SD3's tokenizer_2 with ``!`` (0), which also makes a literal "!" id 0.
+                 regex, ``</w>`` word ends, ``<|startoftext|>`` (49406) ... ``<|endoftext|>`` (49407). CLIP-L pads
+                 with ``<|endoftext|>``, SD3's tokenizer_2 with ``!`` (0), which also makes a literal "!" id 0.
   T5Tokenizer    SentencePiece unigram (spiece.model or tokenizer.json) + 100 sentinels ``<extra_id_N>``, ids ``</s>``
                  (eos 1), pad 0.
 
@@ -23,8 +23,10 @@ import numpy as np
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors
 from tokenizers.models import BPE, Unigram
 
-from dit_jax.text.profiles import (PROFILES, TokenizerError, check_profile, prompt_list, t5_lengths,  # noqa: F401
-                                   tokenize)
+from dit_jax.text.profiles import PROFILES, TokenizerError, check_profile, prompt_list, t5_lengths, tokenize
+
+__all__ = ["PROFILES", "CLIPTokenizer", "T5Tokenizer", "TokenizerError", "check_profile", "load", "load_tokenizers",
+           "save_tokenizers", "t5_lengths", "tokenize"]
 
 CLIP_WORDS = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
 SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
@@ -39,7 +41,7 @@ def _read_json(path: pathlib.Path) -> dict:
   try:
     return json.loads(path.read_text(encoding="utf-8"))
   except (OSError, ValueError) as e:
-    raise TokenizerError(f"{path} is not readable JSON: {e}") from None
+    raise TokenizerError(f"{path} is not readable JSON: {str(e).splitlines()[0]}") from None
 
 
 def _added(value, *, from_map: bool = False) -> AddedToken:
@@ -175,6 +177,13 @@ def _need(folder: pathlib.Path, *names: str) -> None:
 
 # ---- CLIP
 
+def _read_bpe(vocab_json, merges_txt) -> tuple[dict, list]:
+  try:
+    return BPE.read_file(str(vocab_json), str(merges_txt))
+  except Exception as e:  # the Rust reader's errors carry no type of their own
+    raise TokenizerError(f"cannot read {vocab_json} / {merges_txt}: {str(e).splitlines()[0]}") from None
+
+
 class CLIPTokenizer(_Tokenizer):
   """OpenAI CLIP's byte-level BPE tokenizer (CLIP-L and CLIP-G of SD3 share the vocabulary)."""
 
@@ -218,11 +227,7 @@ class CLIPTokenizer(_Tokenizer):
     for path in (vocab_json, merges_txt):
       if not pathlib.Path(path).is_file():
         raise TokenizerError(f"CLIP tokenizer file {path} does not exist")
-    try:
-      vocab, merges = BPE.read_file(str(vocab_json), str(merges_txt))
-    except Exception as e:  # the Rust reader's errors carry no type of their own
-      raise TokenizerError(f"cannot read {vocab_json} / {merges_txt}: {e}") from None
-    return cls._build(vocab, merges, pad_token=pad)
+    return cls._build(*_read_bpe(vocab_json, merges_txt), pad_token=pad)
 
   @classmethod
   def from_dir(cls, folder: str | os.PathLike) -> "CLIPTokenizer":
@@ -232,13 +237,12 @@ class CLIPTokenizer(_Tokenizer):
     if (folder / "tokenizer.json").is_file():
       spec = _read_json(folder / "tokenizer.json")
       model = spec.get("model") or {}
-      if model.get("type") != "BPE":
+      if model.get("type") != "BPE" or not isinstance(model.get("vocab"), dict):
         raise TokenizerError(f"{folder}/tokenizer.json holds a {model.get('type')} model, not CLIP's BPE")
       merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model.get("merges", [])]
       return cls._build(model["vocab"], merges, folder, spec)
     _need(folder, "vocab.json", "merges.txt")
-    vocab, merges = BPE.read_file(str(folder / "vocab.json"), str(folder / "merges.txt"))
-    return cls._build(vocab, merges, folder)
+    return cls._build(*_read_bpe(folder / "vocab.json", folder / "merges.txt"), folder)
 
   def save(self, folder: str | os.PathLike) -> pathlib.Path:
     folder = super().save(folder)
@@ -286,7 +290,7 @@ class T5Tokenizer(_Tokenizer):
     try:
       proto.ParseFromString(path.read_bytes())
     except Exception as e:  # protobuf's DecodeError
-      raise TokenizerError(f"{path} is not a SentencePiece model: {e}") from None
+      raise TokenizerError(f"{path} is not a SentencePiece model: {str(e).splitlines()[0]}") from None
     if proto.trainer_spec.model_type != 1 or not proto.pieces:
       raise TokenizerError(f"{path} is not a SentencePiece unigram model")
     sentinels = [f"<extra_id_{i}>" for i in range(extra_ids - 1, -1, -1)]
@@ -303,7 +307,7 @@ class T5Tokenizer(_Tokenizer):
     if (folder / "tokenizer.json").is_file():
       spec = _read_json(folder / "tokenizer.json")
       model = spec.get("model") or {}
-      if model.get("type") != "Unigram":
+      if model.get("type") != "Unigram" or not isinstance(model.get("vocab"), list):
         raise TokenizerError(f"{folder}/tokenizer.json holds a {model.get('type')} model, not T5's Unigram")
       return cls._build(model["vocab"], _charsmap(spec.get("normalizer")), folder, spec, source)
     _need(folder, "spiece.model")
