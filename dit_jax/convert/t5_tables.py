@@ -13,14 +13,22 @@ be identical). An SD3 single file stores the encoder under :data:`SD3_PREFIX` (:
 """
 from __future__ import annotations
 
-import inspect
 from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dit_jax.convert.engine import Rule, apply_table, count_blocks, export_table, need, pick_table
+from dit_jax.convert.engine import (
+  Rule,
+  apply_table,
+  checked_config,
+  config_agrees,
+  count_blocks,
+  export_table,
+  need,
+  pick_table,
+)
 from dit_jax.convert.readers import ConversionError
 from dit_jax.models.t5 import T5Encoder, T5EncoderConfig
 
@@ -29,9 +37,11 @@ EMBEDDING_KEYS = ("shared.weight", "encoder.embed_tokens.weight")  # tied copies
 DROPPED_PREFIXES = ("decoder.", "lm_head.")  # a full T5's seq2seq half, ignored as T5EncoderModel ignores it
 _BLOCK0 = "encoder.block.0.layer"
 _BIAS = f"{_BLOCK0}.0.SelfAttention.relative_attention_bias.weight"
-# config.json fields the weights' shapes also show (checked against them) and those they do not (taken from it)
+# transformers config.json: fields the weights' shapes also show (checked against them), those they do not (taken
+# from it), and the model types it may name.
 _SHAPE_FIELDS = ("vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_heads", "relative_attention_num_buckets")
 _CONFIG_FIELDS = ("relative_attention_max_distance", "layer_norm_epsilon", "feed_forward_proj")
+MODEL_TYPES = ("t5",)
 
 
 def hf_table(cfg: T5EncoderConfig, embedding_keys: tuple[str, ...] = ("shared.weight",)) -> list[Rule]:
@@ -84,24 +94,23 @@ def infer_config(tensors: dict[str, np.ndarray], layout: str, diffusers_config: 
                  **overrides) -> T5EncoderConfig:
   """T5EncoderConfig from the weights' shapes (heads from the bias table, d_kv = q rows / heads). A transformers
   ``config.json`` dict (``diffusers_config``) supplies what shapes do not show (max distance, eps, feed-forward
-  kind; defaults 128, 1e-6, gated-gelu) and must agree with the shapes; ``overrides`` win over both."""
+  kind; defaults 128, 1e-6, gated-gelu); a config.json of another model type, with impossible values or
+  contradicting the shapes is an error naming the field. ``overrides`` win over both."""
   pick_table(LAYOUTS, layout, "T5 encoder")
   tensors = select_t5_tensors(tensors)
-  dcfg = diffusers_config or {}
+  dcfg = _checked_config(diffusers_config)
   embedding = need(tensors, embedding_keys(tensors)[0], "T5 encoder")
   bias = need(tensors, _BIAS, "T5 encoder")
   q = need(tensors, f"{_BLOCK0}.0.SelfAttention.q.weight", "T5 encoder")
   wi_0 = need(tensors, f"{_BLOCK0}.1.DenseReluDense.wi_0.weight", "T5 encoder")
+  if bias.ndim != 2 or q.ndim != 2 or q.shape[0] % bias.shape[1]:
+    raise ConversionError(f"cannot split the q rows {tuple(q.shape)} into the heads of {_BIAS} {tuple(bias.shape)}")
   heads = bias.shape[1]
-  if bias.ndim != 2 or q.ndim != 2 or q.shape[0] % heads:
-    raise ConversionError(f"cannot split q rows {q.shape} into the {heads} heads of {_BIAS} {bias.shape}")
   values = dict(vocab_size=embedding.shape[0], d_model=embedding.shape[1], d_kv=q.shape[0] // heads,
                 d_ff=wi_0.shape[0], num_layers=count_blocks(tensors, "encoder.block", "T5 blocks"), num_heads=heads,
                 relative_attention_num_buckets=bias.shape[0])
-  clash = [f"{k} {dcfg[k]} (weights: {values[k]})" for k in _SHAPE_FIELDS if k in dcfg and dcfg[k] != values[k]]
-  if clash:
-    raise ConversionError(f"config.json disagrees with the T5 weights: {', '.join(clash)}")
-  values.update({k: dcfg[k] for k in _CONFIG_FIELDS if k in dcfg})
+  config_agrees(dcfg, **values)
+  values.update({k: dcfg[k] for k in _CONFIG_FIELDS if dcfg.get(k) is not None})
   values.update({k: v for k, v in overrides.items() if v is not None})
   try:
     return T5EncoderConfig(**values)
@@ -109,22 +118,27 @@ def infer_config(tensors: dict[str, np.ndarray], layout: str, diffusers_config: 
     raise ConversionError(str(e).splitlines()[0]) from None
 
 
-def _apply_kwargs(allow_nonfinite: bool) -> dict[str, Any]:
-  """``allow_nonfinite`` for an engine that checks source values for inf / nan (older engines do not)."""
-  if "allow_nonfinite" in inspect.signature(apply_table).parameters:
-    return {"allow_nonfinite": allow_nonfinite}
-  return {}
+def _checked_config(config: dict[str, Any] | None) -> dict[str, Any]:
+  """transformers' config.json checked before use (a T5 ``model_type``, positive sizes, numeric eps)."""
+  dcfg = checked_config(config, (), *_SHAPE_FIELDS, "relative_attention_max_distance",
+                        numbers=("layer_norm_epsilon",))
+  if dcfg.get("model_type") not in (None, *MODEL_TYPES):
+    raise ConversionError(f"config.json describes a {dcfg['model_type']!r} model, not a T5 encoder "
+                          f"(model_type {' / '.join(MODEL_TYPES)}): it does not belong to these weights")
+  return dcfg
 
 
 def to_model(tensors: dict[str, np.ndarray], cfg: T5EncoderConfig, layout: str, *, dtype=jnp.float32,
              param_dtype=jnp.float32, allow_nonfinite: bool = False) -> T5Encoder:
-  """Apply the layout's key table strictly (every source key used, every parameter filled, shapes checked); the
-  source is first passed through :func:`select_t5_tensors`. fp16 / bf16 sources are cast to ``param_dtype``."""
+  """Apply the layout's key table strictly and streaming (:func:`~dit_jax.convert.engine.apply_table`: every source
+  key used, every parameter filled, shapes and float dtypes checked, NaN / Inf refused unless ``allow_nonfinite``);
+  the source is first passed through :func:`select_t5_tensors`. fp16 / bf16 sources are cast to ``param_dtype``
+  (``wo`` to float32)."""
   table = pick_table(LAYOUTS, layout, "T5 encoder")
   tensors = select_t5_tensors(tensors)
   abstract = nnx.eval_shape(lambda: T5Encoder(cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype))
   return apply_table(tensors, table(cfg, embedding_keys(tensors)), abstract, cfg, what=f"{layout} T5 encoder",
-                     **_apply_kwargs(allow_nonfinite))
+                     allow_nonfinite=allow_nonfinite)
 
 
 def from_model(model: T5Encoder, layout: str, *, embedding: tuple[str, ...] = ("shared.weight",)

@@ -5,7 +5,7 @@ Numerics follow transformers' ``T5EncoderModel``:
     h = shared[ids]                                                      # (B, L, D), no scaling
     bias = relative_attention_bias[bucket(k - q)]                       # (H, L, L), block 0's table, every layer
     h = h + o(softmax(q k^T + bias + mask) v)    with q, k, v of rms(h) # NO 1/sqrt(d_kv)
-    h = h + wo(gelu_tanh(wi_0 rms(h)) * wi_1 rms(h))                    # wo in float32 (``_keep_in_fp32_modules``)
+    h = h + wo(gelu_tanh(wi_0 rms(h)) * wi_1 rms(h))                    # wo float32 (``_keep_in_fp32_modules``)
     out = rms(h)                                                         # final_layer_norm
 
 rms(x) = x / sqrt(mean(x^2) + eps) * weight, statistics in float32. The residual stream stays float32 whatever the
@@ -114,13 +114,18 @@ class SelfAttention(nnx.Module):
 
 
 class GatedFeedForward(nnx.Module):
-  """wo(gelu_tanh(wi_0 x) * wi_1 x); ``wo`` computes in float32: (B, L, D) -> (B, L, D) float32."""
+  """wo(gelu_tanh(wi_0 x) * wi_1 x): (B, L, D) -> (B, L, D) float32. ``wo`` is stored and computed in float32
+  whatever ``param_dtype`` / ``dtype`` (transformers' ``_keep_in_fp32_modules``): its output can exceed fp16's range
+  and, added to the residual stream, dominates it in the XXL weights."""
 
   def __init__(self, cfg: T5EncoderConfig, rngs: nnx.Rngs, *, dtype, param_dtype):
-    kw = dict(param_dtype=param_dtype, use_bias=False, kernel_init=layers.normal_002)
-    self.wi_0 = layers.linear(cfg.d_model, cfg.d_ff, rngs, axes=("embed", "mlp"), dtype=dtype, **kw)
-    self.wi_1 = layers.linear(cfg.d_model, cfg.d_ff, rngs, axes=("embed", "mlp"), dtype=dtype, **kw)
-    self.wo = layers.linear(cfg.d_ff, cfg.d_model, rngs, axes=("mlp", "embed"), dtype=jnp.float32, **kw)
+    kw = dict(use_bias=False, kernel_init=layers.normal_002)
+    self.wi_0 = layers.linear(cfg.d_model, cfg.d_ff, rngs, axes=("embed", "mlp"), dtype=dtype,
+                              param_dtype=param_dtype, **kw)
+    self.wi_1 = layers.linear(cfg.d_model, cfg.d_ff, rngs, axes=("embed", "mlp"), dtype=dtype,
+                              param_dtype=param_dtype, **kw)
+    self.wo = layers.linear(cfg.d_ff, cfg.d_model, rngs, axes=("mlp", "embed"), dtype=jnp.float32,
+                            param_dtype=jnp.float32, **kw)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     return self.wo(jax.nn.gelu(self.wi_0(x), approximate=True) * self.wi_1(x))
