@@ -150,13 +150,17 @@ def _pipeline_ids(oracle, prompts, max_sequence_length):
 
   from diffusers.pipelines.stable_diffusion_3 import pipeline_stable_diffusion_3 as sd3
 
-  sd3.logger.setLevel(logging.ERROR)  # its truncation warnings print the removed text
   pipe = object.__new__(StableDiffusion3Pipeline)
   pipe.__dict__.update(tokenizer=oracle["clip_l"], tokenizer_2=oracle["clip_g"], tokenizer_3=oracle["t5"],
                        text_encoder=_IdsEncoder(1), text_encoder_2=_IdsEncoder(1), text_encoder_3=_IdsEncoder(4),
                        tokenizer_max_length=oracle["clip_l"].model_max_length)
-  context, _, _, _ = pipe.encode_prompt(prompts, None, None, device=torch.device("cpu"),
-                                        do_classifier_free_guidance=False, max_sequence_length=max_sequence_length)
+  level = sd3.logger.level
+  sd3.logger.setLevel(logging.ERROR)  # its truncation warnings print the removed text
+  try:
+    context, _, _, _ = pipe.encode_prompt(prompts, None, None, device=torch.device("cpu"),
+                                          do_classifier_free_guidance=False, max_sequence_length=max_sequence_length)
+  finally:
+    sd3.logger.setLevel(level)
   context = context.numpy().astype(np.int64)
   return {"clip_l": context[:, :77, 0], "clip_g": context[:, :77, 1], "t5": context[:, 77:, 0]}
 
