@@ -25,7 +25,7 @@ from tokenizers.models import BPE, Unigram
 
 from dit_jax.text.profiles import PROFILES, TokenizerError, check_profile, prompt_list, t5_lengths, tokenize
 
-__all__ = ["PROFILES", "CLIPTokenizer", "T5Tokenizer", "TokenizerError", "check_profile", "load", "load_tokenizers",
+__all__ = ["PROFILES", "CLIPTokenizer", "T5Tokenizer", "TokenizerError", "check_profile", "load_tokenizers",
            "save_tokenizers", "t5_lengths", "tokenize"]
 
 CLIP_WORDS = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
@@ -338,22 +338,15 @@ def _charsmap(normalizer: dict | None) -> bytes | None:
 FOLDERS = {"clip_l": "tokenizer", "clip_g": "tokenizer_2", "t5": "tokenizer_3"}
 
 
-def load(folder: str | os.PathLike, kind: str):
-  """One tokenizer folder: ``kind`` 'clip' or 't5'."""
-  if kind not in ("clip", "t5"):
-    raise TokenizerError(f"tokenizer kind must be 'clip' or 't5', got {kind!r}")
-  return (CLIPTokenizer if kind == "clip" else T5Tokenizer).from_dir(folder)
-
-
 def load_tokenizers(folder: str | os.PathLike) -> dict:
   """{"clip_l", "clip_g"[, "t5"]} from a diffusers SD3 pipeline folder's tokenizer/, tokenizer_2/[, tokenizer_3/]."""
   folder = pathlib.Path(folder)
   for name in ("clip_l", "clip_g"):
     if not (folder / FOLDERS[name]).is_dir():
       raise TokenizerError(f"{folder} has no {FOLDERS[name]}/ folder (the {name} tokenizer)")
-  out = {name: load(folder / FOLDERS[name], "clip") for name in ("clip_l", "clip_g")}
+  out = {name: CLIPTokenizer.from_dir(folder / FOLDERS[name]) for name in ("clip_l", "clip_g")}
   if (folder / FOLDERS["t5"]).is_dir():
-    out["t5"] = load(folder / FOLDERS["t5"], "t5")
+    out["t5"] = T5Tokenizer.from_dir(folder / FOLDERS["t5"])
   return out
 
 
