@@ -114,8 +114,8 @@ def _hf_half(model, dtype: torch.dtype):
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_half_precision_large_activations(dtype):
-  """Compute and parameters in bf16 / fp16 (wo float32): finite, and as close to the fp32 oracle as transformers'
-  own half-precision model is (within 2x)."""
+  """Compute and parameters in bf16 / fp16 (wo float32): finite, and on average as close to the fp32 oracle as
+  transformers' own half-precision model (``from_pretrained(torch_dtype=...)``: wo float32)."""
   model = _large_activation_model()
   ids, _ = t5_ids(2, 20, T5_TINY["vocab_size"], seed=5)
   ref, states = hf_t5_forward(model, ids, hidden_states=True)
@@ -129,10 +129,11 @@ def test_half_precision_large_activations(dtype):
   assert out.dtype == jdt
   out = np.asarray(out.astype(jnp.float32))
   assert np.isfinite(out).all(), f"{dtype} output has non-finite values"
-  err = rel_err(out, ref)
-  hf_err = rel_err(hf_t5_forward(_hf_half(model, getattr(torch, dtype)), ids), ref)
-  message = f"{dtype} (stream peak {peak:.3g}) vs fp32: rel err {err:.2e}, transformers' {dtype} model {hf_err:.2e}"
-  assert err <= 3e-2 and err <= 2 * hf_err, message
+  theirs = hf_t5_forward(_hf_half(model, getattr(torch, dtype)), ids)
+  mean_err = lambda a: float(np.abs(a - ref).mean() / np.abs(ref).mean())
+  message = (f"{dtype} (stream peak {peak:.3g}) vs fp32: rel max err {rel_err(out, ref):.2e}, rel mean err "
+             f"{mean_err(out):.2e}; transformers' {dtype} model {rel_err(theirs, ref):.2e}, {mean_err(theirs):.2e}")
+  assert rel_err(out, ref) <= 3e-2 and mean_err(out) <= 1.25 * mean_err(theirs), message
 
 
 def test_export_is_exact_inverse(converted):
@@ -230,7 +231,9 @@ def test_infer_config_errors(converted):
   assert "feed_forward_proj 'relu' is not one of ('gated-gelu',)" in _one_line(
       infer, tensors, {"feed_forward_proj": "relu"})
   assert "not a T5 encoder state dict" in _one_line(t5_tables.detect_layout, {"context_embedder.weight": 0})
-  assert t5_tables.infer_config(tensors, "hf", None, relative_attention_max_distance=64).relative_attention_max_distance == 64
+  overridden = t5_tables.infer_config(tensors, "hf", {"relative_attention_max_distance": 32},
+                                      relative_attention_max_distance=64)
+  assert overridden.relative_attention_max_distance == 64
 
 
 def test_config_and_xxl_size():

@@ -115,8 +115,8 @@ class SelfAttention(nnx.Module):
 
 class GatedFeedForward(nnx.Module):
   """wo(gelu_tanh(wi_0 x) * wi_1 x): (B, L, D) -> (B, L, D) float32. ``wo`` is stored and computed in float32
-  whatever ``param_dtype`` / ``dtype`` (transformers' ``_keep_in_fp32_modules``): its output can exceed fp16's range
-  and, added to the residual stream, dominates it in the XXL weights."""
+  whatever ``param_dtype`` / ``dtype`` (transformers' ``_keep_in_fp32_modules``), and the gated product is formed in
+  float32: both can exceed fp16's range, and the ``wo`` output dominates the residual stream of the XXL weights."""
 
   def __init__(self, cfg: T5EncoderConfig, rngs: nnx.Rngs, *, dtype, param_dtype):
     kw = dict(use_bias=False, kernel_init=layers.normal_002)
@@ -128,7 +128,8 @@ class GatedFeedForward(nnx.Module):
                             param_dtype=jnp.float32, **kw)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    return self.wo(jax.nn.gelu(self.wi_0(x), approximate=True) * self.wi_1(x))
+    gate, linear = self.wi_0(x).astype(jnp.float32), self.wi_1(x).astype(jnp.float32)  # product kept off fp16 range
+    return self.wo(jax.nn.gelu(gate, approximate=True) * linear)
 
 
 class T5Block(nnx.Module):
