@@ -75,9 +75,9 @@ def test_forward_parity(converted, variant, masked):
   assert err <= TOL, f"{variant} ({'mask' if masked else 'no mask'}) vs transformers: rel err {err:.2e}"
 
 
-@pytest.mark.slow
 def test_forward_parity_real_width():
-  """d_model 4096, 64 heads of 64, d_ff 10240 (T5-XXL's widths) with 2 layers: ~390 M parameters."""
+  """d_model 4096, 64 heads of 64, d_ff 10240 (T5-XXL's widths) with 2 layers: ~390 M parameters (~20 s, the
+  acceptance's real-width check, so it runs in CI)."""
   model = hf_t5(T5_WIDE, seed=7)
   tensors = t5_state_dict(model)
   cfg = t5_tables.infer_config(tensors, "hf")
