@@ -139,8 +139,8 @@ def checked_config(config, classes: tuple[str, ...], *int_fields: str, int_lists
     raise ConversionError(f"config.json is not a JSON object (got {type(config).__name__})")
   name = config.get("_class_name")
   if name is not None and name not in classes:
-    raise ConversionError(f"config.json describes a {name!r}, not a {' / '.join(classes)}: it does not belong "
-                          "to these weights")
+    raise ConversionError(f"config.json describes {name!r}, not {' / '.join(classes)}: it does not belong to "
+                          "these weights")
   for field in int_fields:
     v = config.get(field)
     if v is not None and not (_is_int(v) and v > 0):

@@ -276,8 +276,8 @@ def export(ckpt_dir: str | os.PathLike, out_file: str | os.PathLike, *, layout: 
   tables = kinds.get(meta["kind"]).tables
   layout = tables.ORIGINAL_LAYOUT if layout == "original" else layout
   if layout not in tables.LAYOUTS:  # checked before the (possibly large) checkpoint is loaded
-    raise ConversionError(f"a {meta['kind']} exports in the {' / '.join(tables.LAYOUTS)} layouts (or original), "
-                          f"not {layout!r}")
+    raise ConversionError(f"a {meta['kind']} checkpoint exports in the {' / '.join(tables.LAYOUTS)} layout, not "
+                          f"{layout!r}")
   prefix = tables.FILE_PREFIX.get(layout, "")
   model = checkpoint.load(ckpt_dir)
   arrays = {prefix + k: v for k, v in tables.from_model(model, layout).items()}
