@@ -4,6 +4,11 @@
   tests.helpers.reference  random-weight upstream models (diffusers DiT / SD3 MMDiT) and checkpoint key layouts
   tests.helpers.training   tiny train configs, deterministic resumable toy loaders, metrics.jsonl losses
   tests.helpers.processes  subprocess runners (CLIs, scripts on N simulated devices), the strict CLI-error check
+  tests.helpers.clip_reference   random-weight transformers CLIPTextModel(WithProjection), SD3-shaped ids, the
+                                 OpenCLIP key layout written independently of dit_jax's tables
+  tests.helpers.t5_reference     random-weight transformers T5EncoderModel, its forward, tiny / real-width configs
+  tests.helpers.tokenizer_files  real tokenizer files written offline (CLIP's BPE from open_clip's merges, a trained
+                                 T5 SentencePiece) as diffusers tokenizer folders, and transformers' tokenizers
 """
 from __future__ import annotations
 
