@@ -147,7 +147,7 @@ def checked_config(config, classes: tuple[str, ...], *int_fields: str, int_lists
       raise ConversionError(f"config.json {field}={v!r} is not a positive integer")
   for field in int_lists:
     v = config.get(field)
-    if v is not None and not (isinstance(v, list) and all(_is_int(x) and x >= 0 for x in v)):
+    if v is not None and not (isinstance(v, (list, tuple)) and all(_is_int(x) and x >= 0 for x in v)):
       raise ConversionError(f"config.json {field}={v!r} is not a list of non-negative integers")
   for field in numbers:
     v = config.get(field)
