@@ -270,3 +270,23 @@ def test_cli_strict_errors_are_one_line_and_keep_the_output(tmp, original_sd, fo
   assert np.isnan(np.asarray(dit_jax.load(out).blocks[1].mlp.fc1.kernel[...])[0, 0])
   code = cli([str(out), str(tmp / "x.safetensors"), "--to", "torch", "--dtype", "int8"])
   one_line_error(code, capsys.readouterr().err, "argument --dtype: invalid choice: 'int8'")
+
+
+def test_sharded_folder_errors(tmp, original_sd):
+  """A key in two shards, a shard the index names but the folder lacks, and an index without a weight_map."""
+  folder = tmp / "dit"
+  folder.mkdir()
+  keys = sorted(original_sd)
+  save_file({k: original_sd[k] for k in keys[:5]}, folder / "a.safetensors")
+  save_file({k: original_sd[k] for k in keys[4:]}, folder / "b.safetensors")
+  index = folder / "diffusion_pytorch_model.safetensors.index.json"
+  index.write_text(json.dumps({"weight_map": {k: "a.safetensors" if i < 5 else "b.safetensors"
+                                              for i, k in enumerate(keys)}}))
+  assert f"tensor {keys[4]} is in two shards" in _error(convert, folder, tmp / "out")
+  index.write_text(json.dumps({"weight_map": {keys[0]: "c.safetensors"}}))
+  assert "names shard c.safetensors, which does not exist" in _error(convert, folder, tmp / "out")
+  index.write_text("[1]")
+  assert "has no weight_map" in _error(convert, folder, tmp / "out")
+  index.write_text("{broken")
+  assert "is not valid JSON" in _error(convert, folder, tmp / "out")
+  assert not (tmp / "out").exists()

@@ -17,7 +17,6 @@ import re
 from typing import Any, Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -229,9 +228,9 @@ def _read_sources(rule: Rule, tensors, nonfinite: list[str], allow_nonfinite: bo
 
 
 def _fill(var: nnx.Variable, value: np.ndarray) -> None:
-  """Set an abstract parameter to ``value`` in its own dtype: one host copy at most, then the device array."""
-  dtype = var.get_value().dtype
-  var.set_value(jnp.asarray(np.asarray(value, dtype=dtype)))
+  """Set an abstract parameter to ``value`` in its own dtype: one host copy at most, then the device array
+  (``device_put``: no per-shape compilation)."""
+  var.set_value(jax.device_put(np.asarray(value, dtype=var.get_value().dtype)))
 
 
 def apply_table(tensors: dict[str, Tensor], rules: list[Rule], abstract_module, cfg, *, what: str, ops=OPS,
