@@ -55,17 +55,21 @@ OPS: dict[str, tuple[Callable, Callable]] = {
 }
 
 
+def _tied_differ(rule: Rule, differing: list[str]) -> ValueError:
+  return ValueError(f"tied copies differ from {rule.sources[0]}: {differing[0]}"
+                    + (f" (+{len(differing) - 1} more)" if len(differing) > 1 else "")
+                    + "; dit_jax keeps one copy (e.g. one timestep/label embedder for all blocks, as the original "
+                    "DiT), so the copies must be identical")
+
+
 def merge_sources(rule: Rule, arrays: list[np.ndarray]) -> np.ndarray:
   if rule.merge == "concat":
     return np.concatenate(arrays, axis=0)
   if rule.merge == "tied":
     differing = [k for k, a in zip(rule.sources[1:], arrays[1:])
-                 if a.shape != arrays[0].shape or not np.array_equal(a, arrays[0])]
+                 if a.shape != arrays[0].shape or not np.array_equal(a, arrays[0], equal_nan=True)]
     if differing:
-      raise ValueError(f"tied copies differ from {rule.sources[0]}: {differing[0]}"
-                       + (f" (+{len(differing) - 1} more)" if len(differing) > 1 else "")
-                       + "; dit_jax keeps one copy (e.g. one timestep/label embedder for all blocks, as the original "
-                       "DiT), so the copies must be identical")
+      raise _tied_differ(rule, differing)
   return arrays[0]
 
 
@@ -218,12 +222,9 @@ def _read_sources(rule: Rule, tensors, nonfinite: list[str], allow_nonfinite: bo
   if rule.merge != "tied":
     return merge_sources(rule, [read(k) for k in rule.sources])
   first = read(rule.sources[0])
-  differing = [k for k in rule.sources[1:] if not np.array_equal(read(k), first)]
+  differing = [k for k in rule.sources[1:] if not np.array_equal(read(k), first, equal_nan=True)]
   if differing:
-    raise ValueError(f"tied copies differ from {rule.sources[0]}: {differing[0]}"
-                     + (f" (+{len(differing) - 1} more)" if len(differing) > 1 else "")
-                     + "; dit_jax keeps one copy (e.g. one timestep/label embedder for all blocks, as the original "
-                     "DiT), so the copies must be identical")
+    raise _tied_differ(rule, differing)
   return first
 
 
