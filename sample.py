@@ -120,7 +120,8 @@ def guidance_interval(text: str | None) -> tuple[float, float] | None:
   return lo, hi
 
 
-MMDIT_FLAGS = ("cond", "prompt", "prompts", "negative_prompt", "profile", "max_sequence_length", "latent_size", "preset", "slg_layers", "slg_scale", "slg_start", "slg_stop")
+MMDIT_FLAGS = ("cond", "prompt", "prompts", "negative_prompt", "profile", "max_sequence_length", "latent_size", "preset",
+               "slg_layers", "slg_scale", "slg_start", "slg_stop")
 COND_KEYS = {"context": "context", "pooled": "pooled", "negative_context": "context", "negative_pooled": "pooled"}
 
 
@@ -284,7 +285,8 @@ def run_text(args: argparse.Namespace, out: pathlib.Path) -> str:
   model = dit_jax.load(args.checkpoint, dtype=dtype)
   if prompts is not None:
     from dit_jax.text import tokenizers
-    text_options = dict(profile=args.profile or "diffusers", max_sequence_length=args.max_sequence_length or 256)
+    text_options = dict(profile=args.profile or "diffusers",
+                        max_sequence_length=256 if args.max_sequence_length is None else args.max_sequence_length)
     tokenizers.check_profile(**text_options)
     encoders = dit_jax.load_text_encoders(args.checkpoint)
     encoders.check_fits(model.config.joint_attention_dim, model.config.pooled_projection_dim)

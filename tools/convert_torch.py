@@ -6,8 +6,11 @@
   python tools/convert_torch.py path/to/DiT-XL-2-256 ckpt/diffusers_xl2       # diffusers pipeline folder (+ its vae/)
   python tools/convert_torch.py DiT-XL-2-256x256.pt ckpt/x --vae path/to/sd-vae-ft-ema   # bundle a VAE
   python tools/convert_torch.py sd-v1-5.safetensors ckpt/sd15-vae --vae-preset sd-vae-ft-ema  # an SD file's VAE
-  python tools/convert_torch.py sd3.5_medium.safetensors ckpt/sd35m        # MMDiT + its VAE (text encoders skipped)
-  python tools/convert_torch.py path/to/stable-diffusion-3.5-medium ckpt/sd35m   # diffusers SD3 pipeline folder
+  python tools/convert_torch.py path/to/stable-diffusion-3.5-medium ckpt/sd35m   # SD3 pipeline folder: MMDiT, VAE,
+                                                                                 # text encoders and tokenizers
+  python tools/convert_torch.py sd3.5_medium.safetensors ckpt/sd35m \
+      --text-encoders sd3.5/text_encoders --tokenizers path/to/stable-diffusion-3.5-medium   # Stability's files
+  python tools/convert_torch.py ckpt/sd35m/text_encoders/clip_g clip_g.safetensors --to torch   # hf layout
   python tools/convert_torch.py ckpt/dit_xl2_256 dit.safetensors --to torch [--layout original|diffusers]
   python tools/convert_torch.py ckpt/sd35m sd35m.safetensors --to torch [--layout stability|diffusers]
 
@@ -31,6 +34,7 @@ from dit_jax.cli import ArgumentParser, fail  # noqa: E402
 from dit_jax.convert import ConversionError  # noqa: E402
 from dit_jax.convert.engine import FLOAT_DTYPES  # noqa: E402
 from dit_jax.convert.files import convert, export  # noqa: E402
+from dit_jax.text.encoders import BUNDLED as BUNDLED_TEXT  # noqa: E402
 from dit_jax.models.vae import PRESETS  # noqa: E402
 
 
@@ -42,7 +46,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--format", dest="layout", default="auto", choices=["auto", "original", "diffusers", "stability"],
                  help="source key layout (import; default: auto-detect); original = DiT, stability = MMDiT")
   p.add_argument("--layout", dest="export_layout", default="original",
-                 choices=["original", "diffusers", "stability", "ldm"],
+                 choices=["original", "diffusers", "stability", "ldm", "hf", "openclip"],
                  help="key layout of the exported safetensors (--to torch; default: original, i.e. stability for an "
                       "MMDiT and ldm for a VAE)")
   p.add_argument("--vae", default=None, help="a VAE (diffusers folder / file, LDM or SD single file) to bundle")
@@ -60,6 +64,14 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--num-classes", type=int, default=None,
                  help="number of classes; equal to the label-table rows for a model trained without label dropout "
                       "(default: rows - 1, the last row being the null class)")
+  p.add_argument("--text-encoders", default=None,
+                 help="an SD3 model's text encoders: a folder with Stability's clip_l.safetensors, clip_g.safetensors "
+                      "and t5xxl*.safetensors (or a pipeline folder); default: the source's own")
+  p.add_argument("--tokenizers", default=None,
+                 help="a folder with the tokenizers' files (tokenizer/, tokenizer_2/, tokenizer_3/ as a diffusers SD3 "
+                      "folder has them) when the source has none")
+  p.add_argument("--no-text-encoders", action="store_true",
+                 help="do not bundle a pipeline folder's text_encoder*/ or a single file's text_encoders.*")
   p.add_argument("--allow-nonfinite", action="store_true",
                  help="convert weights holding NaN / Inf (refused by default)")
   p.add_argument("--dtype", default=None, choices=FLOAT_DTYPES,
@@ -75,6 +87,9 @@ def summary(cfg, out: pathlib.Path) -> str:
     vae = read_meta(out / BUNDLED_VAE)["config"]
     text += (f" + bundled VAE (latent={vae['latent_channels']} scale={vae['scaling_factor']} "
              f"shift={vae['shift_factor']})")
+  encoders = [p.name for p in sorted((out / BUNDLED_TEXT).glob("*")) if (p / "dit_jax.json").is_file()]
+  if encoders:
+    text += f" + text encoders ({', '.join(encoders)}) with their tokenizers"
   return text
 
 
@@ -96,7 +111,8 @@ def main(argv=None) -> int:
       cfg = convert(args.src, args.out, layout=args.layout, weights=args.weights, num_heads=args.num_heads,
                     input_size=args.input_size, num_classes=args.num_classes, vae=args.vae,
                     bundle_vae=not args.no_vae, vae_preset=args.vae_preset, overwrite=args.overwrite,
-                    allow_nonfinite=args.allow_nonfinite)
+                    allow_nonfinite=args.allow_nonfinite, text_encoders=args.text_encoders,
+                    tokenizers=args.tokenizers, bundle_text_encoders=not args.no_text_encoders)
       print(f"wrote {args.out}: {summary(cfg, pathlib.Path(args.out))}")
   except (ConversionError, CheckpointError, FileNotFoundError, PermissionError, IsADirectoryError) as e:
     return fail(e)

@@ -20,11 +20,10 @@ from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
-
 from flax import nnx
 
 from dit_jax import checkpoint, kinds
-from dit_jax.convert import dit_tables, mmdit_tables, vae_tables
+from dit_jax.convert import dit_tables, mmdit_tables, text_files, vae_tables
 from dit_jax.convert.engine import FLOAT_DTYPES
 from dit_jax.convert.readers import ConversionError, Source, from_numpy, read_source
 from dit_jax.models.vae import PRESETS, AutoencoderKL
@@ -54,12 +53,15 @@ def _write(model: nnx.Module, directory: pathlib.Path, extra: dict[str, Any] | N
 
 
 def _save(model: nnx.Module, out_dir, *, overwrite: bool, extra: dict[str, Any] | None,
-          vae: nnx.Module | None = None, vae_extra: dict[str, Any] | None = None) -> None:
-  """:func:`dit_jax.checkpoint.save` without a second in-memory copy of the parameters (see :func:`_write`)."""
+          vae: nnx.Module | None = None, vae_extra: dict[str, Any] | None = None, bundle=None) -> None:
+  """:func:`dit_jax.checkpoint.save` without a second in-memory copy of the parameters (see :func:`_write`);
+  ``bundle(tmp_dir)`` writes further parts (the text encoders) before the directory appears."""
   with checkpoint.atomic_directory(out_dir, overwrite) as tmp:
     _write(model, tmp, extra)
     if vae is not None:
       _write(vae, tmp / checkpoint.BUNDLED_VAE, vae_extra)
+    if bundle is not None:
+      bundle(tmp)
 
 
 def _positive(name: str, value) -> None:
@@ -73,7 +75,7 @@ def _check_preset(preset: str | None) -> None:
 
 
 def _check_options(*, layout: str, weights: str | None, num_heads, input_size, num_classes, vae, bundle_vae: bool,
-                   vae_preset: str | None) -> None:
+                   vae_preset: str | None, text_encoders=None, bundle_text_encoders: bool = True) -> None:
   """convert's option values, checked before anything is read (each problem a one-line ConversionError)."""
   if layout not in LAYOUTS:
     raise ConversionError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
@@ -84,6 +86,9 @@ def _check_options(*, layout: str, weights: str | None, num_heads, input_size, n
   _check_preset(vae_preset)
   if vae is not None and not bundle_vae:
     raise ConversionError("a VAE to bundle (--vae) and bundle_vae=False (--no-vae) contradict each other")
+  if text_encoders is not None and not bundle_text_encoders:
+    raise ConversionError("text encoders to bundle (--text-encoders) and bundle_text_encoders=False "
+                          "(--no-text-encoders) contradict each other")
 
 
 def _source_meta(src, tensors: dict[str, np.ndarray], description: str, layout: str) -> dict[str, Any]:
@@ -148,17 +153,25 @@ def _no_vae(vae_preset: str | None, what: str) -> None:
 
 def _convert_mmdit(src, source: Source, parts: tuple[dict, dict, int], out_dir, *, layout: str,
                    num_heads: int | None, input_size: int | None, vae, bundle_vae: bool, vae_preset: str | None,
-                   overwrite: bool, allow_nonfinite: bool):
-  """An MMDiT (Stability single file, bare mmditx / diffusers state dict, SD3 pipeline folder) and its VAE."""
+                   overwrite: bool, allow_nonfinite: bool, text: dict):
+  """An MMDiT (Stability single file, bare mmditx / diffusers state dict, SD3 pipeline folder), its VAE and its
+  text encoders (``text``: plan_text_encoders' options, or None to leave them out)."""
   tensors, file_vae, ignored = parts
   found = mmdit_tables.detect_layout(tensors)
   if layout not in ("auto", found):
     raise ConversionError(f"{src} is an MMDiT in the {found} layout, not {layout}")
-  if ignored:
-    logger.info("ignoring %d text-encoder tensors (%s) in %s: dit_jax converts the MMDiT and its VAE only", ignored,
-                ", ".join(f"{p}*" for p in mmdit_tables.TEXT_ENCODER_PREFIXES), src)
   cfg = mmdit_tables.infer_config(tensors, found, source.diffusers_config, num_attention_heads=num_heads,
                                   sample_size=input_size)
+  plans = {} if text is None else text_files.plan_text_encoders(src, source.tensors, allow_nonfinite=allow_nonfinite,
+                                                                **text)
+  if plans:
+    text_files.check_widths(plans, cfg.joint_attention_dim, cfg.pooled_projection_dim)
+  elif ignored:
+    logger.info("ignoring %d tensors under %s in %s: no SD3 text encoders among them", ignored,
+                ", ".join(f"{p}*" for p in mmdit_tables.TEXT_ENCODER_PREFIXES), src)
+  elif text is not None:
+    logger.warning("%s has no text encoders: the model samples from precomputed embeddings only (add them with "
+                   "--text-encoders DIR)", src)
   model = mmdit_tables.to_model(tensors, cfg, found, allow_nonfinite=allow_nonfinite)
   vae_model, vae_meta = (_bundled_vae(src, vae, file_vae, vae_preset, default_16ch="sd3", latent_channels=cfg.in_channels,
                                       what="MMDiT", allow_nonfinite=allow_nonfinite)
@@ -166,7 +179,8 @@ def _convert_mmdit(src, source: Source, parts: tuple[dict, dict, int], out_dir, 
   if vae_model is None:
     _no_vae(vae_preset, "MMDiT")
   _save(model, out_dir, overwrite=overwrite, extra=_source_meta(src, tensors, source.description, found),
-        vae=vae_model, vae_extra=vae_meta)
+        vae=vae_model, vae_extra=vae_meta,
+        bundle=(lambda tmp: text_files.write_text_encoders(plans, tmp, save=_save)) if plans else None)
   return cfg
 
 
@@ -192,7 +206,8 @@ def _convert_dit(src, source: Source, out_dir, *, layout: str, num_heads: int | 
 def convert(src: str | os.PathLike, out_dir: str | os.PathLike, *, layout: str = "auto", weights: str | None = None,
             num_heads: int | None = None, input_size: int | None = None, num_classes: int | None = None,
             vae: str | os.PathLike | None = None, bundle_vae: bool = True, vae_preset: str | None = None,
-            overwrite: bool = False, allow_nonfinite: bool = False):
+            overwrite: bool = False, allow_nonfinite: bool = False, text_encoders: str | os.PathLike | None = None,
+            tokenizers: str | os.PathLike | None = None, bundle_text_encoders: bool = True):
   """Convert a PyTorch DiT, MMDiT or VAE checkpoint into a dit_jax checkpoint directory; returns the model config.
 
   Streams (peak memory: the converted model plus about one source tensor) and is strict: see the module docstring.
@@ -212,9 +227,16 @@ def convert(src: str | os.PathLike, out_dir: str | os.PathLike, *, layout: str =
     vae_preset: 'sd-vae-ft-ema', 'sdxl', 'sd3', 'flux', ... for latent scales a source does not record (a
       16-channel VAE bundled with an MMDiT defaults to 'sd3'); an error when no VAE is converted.
     allow_nonfinite: convert NaN / Inf weights instead of refusing them.
+    text_encoders: an MMDiT's text encoders from Stability's files (``clip_l.safetensors``, ``clip_g.safetensors``,
+      ``t5xxl_fp16.safetensors``) or a pipeline folder; by default a pipeline folder's ``text_encoder*/`` or a
+      single file's ``text_encoders.*`` are bundled (``<out_dir>/text_encoders``; ``bundle_text_encoders=False``
+      to skip). A CLIP or T5 file on its own converts to a ``clip_text`` / ``t5_encoder`` checkpoint.
+    tokenizers: a folder with the tokenizers' files (``tokenizer/``, ``tokenizer_2/``, ``tokenizer_3/``) when the
+      source has none.
   """
   _check_options(layout=layout, weights=weights, num_heads=num_heads, input_size=input_size,
-                 num_classes=num_classes, vae=vae, bundle_vae=bundle_vae, vae_preset=vae_preset)
+                 num_classes=num_classes, vae=vae, bundle_vae=bundle_vae, vae_preset=vae_preset,
+                 text_encoders=text_encoders, bundle_text_encoders=bundle_text_encoders)
   source: Source = read_source(src, weights, lazy=True)
   bundling = dict(vae=vae, bundle_vae=bundle_vae, vae_preset=vae_preset, overwrite=overwrite,
                   allow_nonfinite=allow_nonfinite)
@@ -222,11 +244,18 @@ def convert(src: str | os.PathLike, out_dir: str | os.PathLike, *, layout: str =
   if mmdit_parts is not None:
     if num_classes is not None:
       raise ConversionError("num_classes applies to a class-conditional DiT, not to an MMDiT")
+    text = dict(text_encoders=text_encoders, tokenizers=tokenizers) if bundle_text_encoders else None
     return _convert_mmdit(src, source, mmdit_parts, out_dir, layout=layout, num_heads=num_heads,
-                          input_size=input_size, **bundling)
+                          input_size=input_size, text=text, **bundling)
+  if text_encoders is not None or tokenizers is not None:
+    raise ConversionError(f"{src} is not an MMDiT: --text-encoders / --tokenizers bundle an SD3 model's encoders")
   if layout == "stability":
     raise ConversionError(f"{src} is not an MMDiT (no context_embedder.weight + joint_blocks.* / "
                           "transformer_blocks.*): the stability layout applies to MMDiT checkpoints only")
+  encoder = text_files.plan_single(src, source, allow_nonfinite) if layout == "auto" else None
+  if encoder is not None:  # a CLIP or T5 text encoder on its own
+    _save(encoder.convert(), out_dir, overwrite=overwrite, extra=encoder.meta())
+    return encoder.config
   if layout == "auto" and _is_vae(source.tensors) and "x_embedder.proj.weight" not in source.tensors:
     model, meta = _vae_from_source(src, source, vae_preset, allow_nonfinite=allow_nonfinite)
     _save(model, out_dir, overwrite=overwrite, extra=meta)

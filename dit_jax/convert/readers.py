@@ -281,6 +281,26 @@ def _read_diffusers_folder(folder: pathlib.Path) -> Source:
   return Source(tensors, str(folder), config)
 
 
+def read_model_folder(folder: pathlib.Path) -> Source:
+  """A transformers model folder (an SD3 pipeline's ``text_encoder*/``), lazily: config.json plus
+  ``model.safetensors``, sharded ``model-0000i-of-0000n.safetensors`` with their index, the ``model.fp16``
+  variant, or ``pytorch_model.bin``."""
+  config = None
+  if (folder / "config.json").exists():
+    config = _read_json(folder / "config.json")
+    if not isinstance(config, dict):
+      raise ConversionError(f"{folder / 'config.json'} is not a JSON object (got {type(config).__name__})")
+  for stem in ("model", "model.fp16"):
+    if (folder / f"{stem}.safetensors.index.json").exists():
+      return Source(_read_shards(folder, folder / f"{stem}.safetensors.index.json"), str(folder), config)
+    if (folder / f"{stem}.safetensors").exists():
+      return Source(open_safetensors(folder / f"{stem}.safetensors"), str(folder), config)
+  if (folder / "pytorch_model.bin").exists():
+    return Source(read_torch_file(folder / "pytorch_model.bin").tensors, str(folder), config)
+  raise ConversionError(f"{folder} holds no transformers weights (model.safetensors, a sharded index or "
+                        "pytorch_model.bin)")
+
+
 def read_source(src: str | pathlib.Path, weights: str | None = None, *, lazy: bool = False) -> Source:
   """Read any supported source.
 

@@ -62,6 +62,8 @@ def hf_table(cfg: T5EncoderConfig, embedding_keys: tuple[str, ...] = ("shared.we
 
 
 LAYOUTS = {"hf": hf_table}
+ORIGINAL_LAYOUT = "hf"  # what export's layout "original" means: transformers' T5EncoderModel keys
+FILE_PREFIX: dict[str, str] = {}  # layout -> the key prefix of an exported file
 
 
 def select_t5_tensors(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -17,14 +17,15 @@ from __future__ import annotations
 
 import dataclasses
 import gc
-import json
 import pathlib
 from typing import Any, Callable
+
+import numpy as np
 
 
 from dit_jax import checkpoint
 from dit_jax.convert import clip_tables, t5_tables
-from dit_jax.convert.readers import ConversionError, Source, read_safetensors, read_torch_file
+from dit_jax.convert.readers import ConversionError, Source, open_safetensors, read_model_folder, read_torch_file
 from dit_jax.text import tokenizers as tok
 from dit_jax.text.encoders import BUNDLED, TOKENIZER
 
@@ -49,34 +50,9 @@ class Planned:
   convert: Callable[[], Any]
   dtype: str
 
-
-def read_model_folder(folder: pathlib.Path) -> Source:
-  """A transformers model folder: config.json plus model[.fp16].safetensors, sharded safetensors (an index) or
-  pytorch_model.bin."""
-  config = None
-  if (folder / "config.json").is_file():
-    try:
-      config = json.loads((folder / "config.json").read_text())
-    except json.JSONDecodeError as e:
-      raise ConversionError(f"{folder / 'config.json'} is not valid JSON ({e})") from None
-  for stem in ("model", "model.fp16", "pytorch_model"):
-    index = folder / f"{stem}.safetensors.index.json"
-    if index.is_file():
-      try:
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-      except (json.JSONDecodeError, KeyError, AttributeError, TypeError):
-        raise ConversionError(f"{index} is not a safetensors index (no weight_map)") from None
-      tensors: dict[str, Any] = {}
-      for shard in shards:
-        if not (folder / shard).is_file():
-          raise ConversionError(f"{index} names a missing shard {shard}")
-        tensors.update(read_safetensors(folder / shard))
-      return Source(tensors, str(folder), config)
-    if (folder / f"{stem}.safetensors").is_file():
-      return Source(read_safetensors(folder / f"{stem}.safetensors"), str(folder), config)
-  if (folder / "pytorch_model.bin").is_file():
-    return Source(read_torch_file(folder / "pytorch_model.bin").tensors, str(folder), config)
-  raise ConversionError(f"{folder} holds no transformers weights (model.safetensors, an index, pytorch_model.bin)")
+  def meta(self) -> dict:
+    """The checkpoint's ``source`` record (export writes the source dtype back)."""
+    return {"source": {"path": self.source, "layout": self.layout, "dtype": self.dtype}}
 
 
 def _stability_file(folder: pathlib.Path, name: str) -> pathlib.Path | None:
@@ -94,7 +70,7 @@ def _stability_file(folder: pathlib.Path, name: str) -> pathlib.Path | None:
 
 def _read_file(path: pathlib.Path) -> Source:
   if path.suffix == ".safetensors":
-    return Source(read_safetensors(path), str(path))
+    return Source(open_safetensors(path), str(path))
   return read_torch_file(path)
 
 
@@ -137,10 +113,21 @@ def _plan(name: str, source: Source, tokenizer, allow_nonfinite: bool) -> Planne
              else clip_tables.strip_prefix(_clip_tensors(source.tensors)))
   layout = tables.detect_layout(tensors)
   cfg = tables.infer_config(tensors, layout, source.diffusers_config)
-  dtypes = sorted({str(getattr(a, "dtype", "float32")) for a in tensors.values()})
+  dtypes = sorted({np.dtype(a.dtype).name for a in tensors.values()})
   convert = lambda: tables.to_model(tensors, cfg, layout, allow_nonfinite=allow_nonfinite)
   return Planned(name, source.description, layout, cfg, tokenizer, convert,
                  dtypes[0] if len(dtypes) == 1 else "float32")
+
+
+def plan_single(src, source: Source, allow_nonfinite: bool = False) -> Planned | None:
+  """A CLIP or T5 text encoder converted on its own (no tokenizer), or None when ``source`` holds neither."""
+  if t5_tables.is_t5(t5_tables.select_t5_tensors(source.tensors)):
+    return _plan("t5xxl", source, None, allow_nonfinite)
+  try:
+    clip_tables.detect_layout(_clip_tensors(source.tensors))
+  except ConversionError:
+    return None
+  return _plan("clip", source, None, allow_nonfinite)
 
 
 def check_widths(plans: dict[str, Planned], joint_attention_dim: int, pooled_projection_dim: int) -> None:
@@ -183,13 +170,13 @@ def plan_text_encoders(src, file_tensors: dict, *, text_encoders=None, tokenizer
   return {n: _plan(n, sources[n], _tokenizer(n, src, tokenizers), allow_nonfinite) for n in found}
 
 
-def write_text_encoders(plans: dict[str, Planned], model_dir: pathlib.Path) -> None:
-  """Convert and write each planned encoder under ``model_dir/text_encoders`` (one in memory at a time)."""
+def write_text_encoders(plans: dict[str, Planned], model_dir: pathlib.Path, save=checkpoint.save) -> None:
+  """Convert and write each planned encoder under ``model_dir/text_encoders`` (one in memory at a time) with
+  ``save(model, out_dir, overwrite=, extra=)``."""
   for name, plan in plans.items():
     out = model_dir / BUNDLED / name
     model = plan.convert()
-    meta = {"source": {"path": plan.source, "layout": plan.layout, "dtype": plan.dtype}}
-    checkpoint.save(model, out, overwrite=True, extra=meta)
+    save(model, out, overwrite=True, extra=plan.meta())
     plan.tokenizer.save(out / TOKENIZER)
     del model
     gc.collect()
@@ -204,5 +191,5 @@ def describe(plans: dict[str, Planned]) -> str:
   return " + text encoders " + ", ".join(parts)
 
 
-__all__ = ["ENCODERS", "Planned", "check_widths", "describe", "plan_text_encoders", "read_model_folder",
+__all__ = ["ENCODERS", "Planned", "check_widths", "describe", "plan_single", "plan_text_encoders",
            "write_text_encoders"]
