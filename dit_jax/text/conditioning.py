@@ -93,6 +93,10 @@ def encode_prompt(encoders: TextEncoders, prompts: str | Sequence[str], *, negat
     if len(negative) not in (1, len(prompts)):
       raise ValueError(f"{len(negative)} negative prompts for {len(prompts)} prompts: give one or one per prompt")
     neg = _encode(encoders, negative, profile, max_sequence_length, clip_skip, width)
+    if neg["context"].shape[1] != out["context"].shape[1]:
+      raise ValueError(f"the prompts give {out['context'].shape[1]} context tokens and the negative prompts "
+                       f"{neg['context'].shape[1]} ({profile} profile: T5 is unpadded past 77 tokens); classifier-free "
+                       "guidance needs equal lengths: use the diffusers profile or shorter prompts")
     out.update({f"negative_{k}": jnp.broadcast_to(v, (len(prompts), *v.shape[1:])) for k, v in neg.items()})
   return out
 
