@@ -100,6 +100,32 @@ def test_prompt_sampler_matches_pipeline(pipeline, converted, t5):
   assert latents.shape == expected.shape and err <= 1e-4, f"prompts -> latents vs StableDiffusion3Pipeline: {err:.2e}"
 
 
+def test_sd35_reference_profile_against_the_upstream_encoders(pipeline, converted):
+  """Stability's assembly from transformers' own encoders on this profile's token ids: CLIP-L pooled unprojected,
+  T5 unpadded to 77 tokens, and the error when prompts and negatives differ in T5 length."""
+  from dit_jax.text.tokenizers import tokenize
+
+  _, pipe, _ = pipeline
+  encoders = converted[2]
+  prompts = ["a red cube (glossy:1.3)", "three cats\non a sofa"]
+  ids = {k: torch.from_numpy(np.asarray(v, np.int64)) for k, v in
+         tokenize(encoders.tokenizers, prompts, profile="sd35_reference").items() if k != "truncated"}
+  with torch.no_grad():
+    l_out = getattr(pipe.text_encoder, "text_model", pipe.text_encoder)(ids["clip_l"], output_hidden_states=True)
+    g_out = pipe.text_encoder_2(ids["clip_g"], output_hidden_states=True)
+    t5 = pipe.text_encoder_3(ids["t5"]).last_hidden_state
+  clip = torch.cat([l_out.hidden_states[-2], g_out.hidden_states[-2]], -1)
+  expected = dict(context=torch.cat([torch.nn.functional.pad(clip, (0, T5["d_model"] - clip.shape[-1])), t5], 1),
+                  pooled=torch.cat([l_out.pooler_output, g_out.text_embeds], -1))
+  ours = dit_jax.encode_prompt(encoders, prompts, profile="sd35_reference")
+  assert ours["context"].shape == (2, 77 + 77, T5["d_model"])
+  for key, value in expected.items():
+    err = rel_err(ours[key], value.numpy())
+    assert err <= 1e-5, f"sd35_reference {key} vs transformers' encoders: {err:.2e}"
+  with pytest.raises(ValueError, match="equal lengths"):
+    dit_jax.encode_prompt(encoders, ["a " * 90], negative="", profile="sd35_reference")
+
+
 def test_prompt_errors(converted):
   _, mmdit, encoders = converted
   with pytest.raises(ValueError, match="prompts is empty"):
