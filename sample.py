@@ -258,7 +258,7 @@ def run_text(args: argparse.Namespace, out: pathlib.Path) -> str:
   for flag, value in (("--num-samples", args.num_samples), ("--respacing", args.respacing),
                       ("--guidance-interval", args.guidance_interval)):
     if value is not None:
-      raise ValueError(f"{flag} is not for an MMDiT checkpoint (sample from text embeddings with --cond)")
+      raise ValueError(f"{flag} is not for an MMDiT checkpoint (sample from prompts with --prompt or from text embeddings with --cond)")
   if args.flow_convention not in (None, "sd3"):
     raise ValueError("an MMDiT uses the sd3 flow convention")
   sources = [f for f, v in (("--cond", args.cond), ("--class-labels", args.class_labels), ("--prompt", args.prompt),

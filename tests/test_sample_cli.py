@@ -234,7 +234,7 @@ def _write_cond(path, **arrays):
     ("latent_size", "latent_size 8x18 exceeds pos_embed_max_size * patch_size = 16"),
     ("labels", "give exactly one"),
     ("labels_only", "was not trained on class tokens"),
-    ("no_cond", "an MMDiT checkpoint needs --cond"),
+    ("no_cond", "an MMDiT checkpoint needs --prompt TEXT / --prompts FILE, --cond"),
     ("preset", "unknown sampling preset 'sd4'"),
     ("slg_layer", "skip_layer_guidance layers [5] outside the model's blocks 0..1"),
     ("slg_window", "skip-layer guidance needs --slg-start < --slg-stop, got 0.5 and 0.2"),

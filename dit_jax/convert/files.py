@@ -167,7 +167,7 @@ def _convert_mmdit(src, source: Source, parts: tuple[dict, dict, int], out_dir, 
   if plans:
     text_files.check_widths(plans, cfg.joint_attention_dim, cfg.pooled_projection_dim)
   elif ignored:
-    logger.info("ignoring %d tensors under %s in %s: no SD3 text encoders among them", ignored,
+    logger.info("leaving out %d text-encoder tensors (%s) in %s", ignored,
                 ", ".join(f"{p}*" for p in mmdit_tables.TEXT_ENCODER_PREFIXES), src)
   elif text is not None:
     logger.warning("%s has no text encoders: the model samples from precomputed embeddings only (add them with "
