@@ -206,6 +206,18 @@ def test_strict_errors(refs):
   assert "hidden_act 'relu'" in _one_line_error(clip_tables.infer_config, tensors, "hf", hidden_act="relu")
 
 
+def test_config_json_checked_against_the_weights(refs):
+  """transformers' config.json is checked before use: another model type, impossible values, a contradiction."""
+  r = refs["G"]
+  for change, fragment in [(dict(model_type="t5"), "describes a 't5' model, not a CLIP text encoder"),
+                           (dict(num_attention_heads=0), "num_attention_heads"),
+                           (dict(num_hidden_layers=-3), "num_hidden_layers"),
+                           (dict(hidden_act="swish"), "hidden_act 'swish'"),
+                           (dict(hidden_size=128), "hidden_size=128 but the weights have 64")]:
+    assert fragment in _one_line_error(clip_tables.infer_config, r["tensors"], "hf", {**r["config"], **change})
+  assert "not a JSON object" in _one_line_error(clip_tables.infer_config, r["tensors"], "hf", ["x"])
+
+
 def test_model_input_errors(refs):
   model = refs["L"]["ours"]
   for ids, hidden_layer, match in ((np.zeros((1, 78), np.int32), -2, "78 tokens exceed max_position_embeddings 77"),

@@ -171,6 +171,23 @@ def _kept(tensors: dict[str, np.ndarray], layout: str) -> dict[str, np.ndarray]:
   return {k: v for k, v in tensors.items() if k not in _KEYS[layout]["ignored"]}
 
 
+MODEL_TYPES = ("clip_text_model", "clip")  # transformers' CLIPTextConfig / a whole CLIPConfig's text part
+CONFIG_CLASSES = ()  # transformers' config.json has no _class_name
+
+
+def _checked(config) -> dict[str, Any]:
+  """transformers' config.json checked before use: a CLIP text model_type, positive sizes, a known activation."""
+  dcfg = engine.checked_config(config, CONFIG_CLASSES, "vocab_size", "hidden_size", "intermediate_size",
+                               "num_hidden_layers", "num_attention_heads", "max_position_embeddings",
+                               numbers=("layer_norm_eps",))
+  if dcfg.get("model_type") not in (None, *MODEL_TYPES):
+    raise ConversionError(f"config.json describes a {dcfg['model_type']!r} model, not a CLIP text encoder "
+                          f"(model_type {' / '.join(MODEL_TYPES)}): it does not belong to these weights")
+  if dcfg.get("hidden_act") is not None and dcfg["hidden_act"] not in ACTIVATIONS:
+    raise ConversionError(f"config.json hidden_act {dcfg['hidden_act']!r} is not one of {', '.join(ACTIVATIONS)}")
+  return dcfg
+
+
 def infer_config(tensors: dict[str, np.ndarray], layout: str, diffusers_config: dict[str, Any] | None = None,
                  **overrides) -> CLIPTextConfig:
   """CLIPTextConfig from the shapes (vocabulary, width, depth, MLP width, positions, projection present or not),
@@ -180,7 +197,7 @@ def infer_config(tensors: dict[str, np.ndarray], layout: str, diffusers_config: 
   Without a config the heads are 64 wide (CLIP-L and bigG) and the activation follows the width: 768 quick_gelu
   (OpenAI CLIP-L), 1280 gelu (OpenCLIP bigG); other widths need ``hidden_act``."""
   pick_table(LAYOUTS, layout, "CLIP text")
-  keys, dcfg = _KEYS[layout], diffusers_config or {}
+  keys, dcfg = _KEYS[layout], _checked(diffusers_config)
   tensors = _kept(tensors, layout)
   token = need(tensors, keys["token"], "CLIP text")
   pos = need(tensors, keys["pos"], "CLIP text")
@@ -202,6 +219,8 @@ def infer_config(tensors: dict[str, np.ndarray], layout: str, diffusers_config: 
                           f"1280: gelu); pass hidden_act ({' or '.join(ACTIVATIONS)})")
   if dcfg.get("layer_norm_eps") is not None:
     values["layer_norm_eps"] = float(dcfg["layer_norm_eps"])
+  engine.config_agrees(dcfg, **{k: values[k] for k in ("vocab_size", "hidden_size", "intermediate_size",
+                                                       "num_hidden_layers", "max_position_embeddings")})
   values.update({k: v for k, v in overrides.items() if v is not None})
   try:
     return CLIPTextConfig(**values)
