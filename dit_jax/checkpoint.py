@@ -54,6 +54,11 @@ def atomic_directory(out_dir: str | os.PathLike, overwrite: bool = False) -> Ite
       shutil.rmtree(tmp)
 
 
+# Target size of the OCDBT data files a checkpoint is written in: orbax's default (2 GiB) buffers a whole model's
+# parameters while saving, a second copy of the model in memory (a converted T5-XXL is 19 GB in float32).
+DATA_FILE_BYTES = 64 << 20
+
+
 def _orbax():
   """orbax.checkpoint, imported on first use: importing it logs through absl, which installs a root log handler
   before the CLIs configure logging (their INFO lines would be lost) and costs every ``import dit_jax``."""
@@ -71,9 +76,10 @@ def _write(model: nnx.Module, directory: pathlib.Path, extra: dict[str, Any] | N
           **(extra or {})}
   directory.mkdir(parents=True, exist_ok=True)
   (directory / META).write_text(json.dumps(meta, indent=2) + "\n")
-  ckptr = _checkpointer()
-  ckptr.save(directory / "params", canonical_state(model))
-  ckptr.wait_until_finished()
+  ocp = _orbax()
+  with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as ckptr:  # bounded data files: no second copy in memory
+    ckptr.save(directory / "params", args=ocp.args.PyTreeSave(canonical_state(model),
+                                                              ocdbt_target_data_file_size=DATA_FILE_BYTES))
 
 
 def canonical_state(model: nnx.Module) -> nnx.State:

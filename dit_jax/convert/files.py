@@ -12,7 +12,6 @@ and every key mismatch are one-line ConversionErrors; nothing on disk changes un
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import pathlib
@@ -20,7 +19,6 @@ from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from dit_jax import checkpoint, kinds
 from dit_jax.convert import dit_tables, mmdit_tables, text_files, vae_tables
@@ -33,37 +31,6 @@ logger = logging.getLogger("dit_jax")
 __all__ = ["convert", "convert_vae", "export"]
 
 LAYOUTS = ("auto", "original", "diffusers", "stability")  # convert's layout argument
-# Target size of the OCDBT data files a conversion writes: orbax's default (2 GiB) buffers a whole model's
-# parameters while saving, a second copy of the model in memory.
-DATA_FILE_BYTES = 64 << 20
-
-
-def _write(model: nnx.Module, directory: pathlib.Path, extra: dict[str, Any] | None) -> None:
-  """:func:`dit_jax.checkpoint.save`'s directory layout (``dit_jax.json`` + orbax ``params/``), the parameters
-  written in :data:`DATA_FILE_BYTES` data files."""
-  import orbax.checkpoint as ocp
-
-  meta = {"format_version": checkpoint.FORMAT_VERSION, "kind": kinds.of(model).name,
-          "config": model.config.to_dict(), **(extra or {})}
-  directory.mkdir(parents=True, exist_ok=True)
-  (directory / checkpoint.META).write_text(json.dumps(meta, indent=2) + "\n")
-  with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as ckptr:
-    ckptr.save(directory / "params", args=ocp.args.PyTreeSave(checkpoint.canonical_state(model),
-                                                              ocdbt_target_data_file_size=DATA_FILE_BYTES))
-
-
-def _save(model: nnx.Module, out_dir, *, overwrite: bool, extra: dict[str, Any] | None,
-          vae: nnx.Module | None = None, vae_extra: dict[str, Any] | None = None, bundle=None) -> None:
-  """:func:`dit_jax.checkpoint.save` without a second in-memory copy of the parameters (see :func:`_write`);
-  ``bundle(tmp_dir)`` writes further parts (the text encoders) before the directory appears."""
-  with checkpoint.atomic_directory(out_dir, overwrite) as tmp:
-    _write(model, tmp, extra)
-    if vae is not None:
-      _write(vae, tmp / checkpoint.BUNDLED_VAE, vae_extra)
-    if bundle is not None:
-      bundle(tmp)
-
-
 def _positive(name: str, value) -> None:
   if value is not None and not (isinstance(value, int) and not isinstance(value, bool) and value > 0):
     raise ConversionError(f"{name}={value!r} is not a positive integer")
@@ -178,9 +145,9 @@ def _convert_mmdit(src, source: Source, parts: tuple[dict, dict, int], out_dir, 
                          if bundle_vae else (None, None))
   if vae_model is None:
     _no_vae(vae_preset, "MMDiT")
-  _save(model, out_dir, overwrite=overwrite, extra=_source_meta(src, tensors, source.description, found),
+  checkpoint.save(model, out_dir, overwrite=overwrite, extra=_source_meta(src, tensors, source.description, found),
         vae=vae_model, vae_extra=vae_meta,
-        bundle=(lambda tmp: text_files.write_text_encoders(plans, tmp, save=_save)) if plans else None)
+        bundle=(lambda tmp: text_files.write_text_encoders(plans, tmp)) if plans else None)
   return cfg
 
 
@@ -198,7 +165,7 @@ def _convert_dit(src, source: Source, out_dir, *, layout: str, num_heads: int | 
                                       what="DiT", allow_nonfinite=allow_nonfinite) if bundle_vae else (None, None))
   if vae_model is None:
     _no_vae(vae_preset, "DiT")
-  _save(model, out_dir, overwrite=overwrite, extra=_source_meta(src, source.tensors, source.description, found),
+  checkpoint.save(model, out_dir, overwrite=overwrite, extra=_source_meta(src, source.tensors, source.description, found),
         vae=vae_model, vae_extra=vae_meta)
   return cfg
 
@@ -254,11 +221,11 @@ def convert(src: str | os.PathLike, out_dir: str | os.PathLike, *, layout: str =
                           "transformer_blocks.*): the stability layout applies to MMDiT checkpoints only")
   encoder = text_files.plan_single(src, source, allow_nonfinite) if layout == "auto" else None
   if encoder is not None:  # a CLIP or T5 text encoder on its own
-    _save(encoder.convert(), out_dir, overwrite=overwrite, extra=encoder.meta())
+    checkpoint.save(encoder.convert(), out_dir, overwrite=overwrite, extra=encoder.meta())
     return encoder.config
   if layout == "auto" and _is_vae(source.tensors) and "x_embedder.proj.weight" not in source.tensors:
     model, meta = _vae_from_source(src, source, vae_preset, allow_nonfinite=allow_nonfinite)
-    _save(model, out_dir, overwrite=overwrite, extra=meta)
+    checkpoint.save(model, out_dir, overwrite=overwrite, extra=meta)
     return model.config
   return _convert_dit(src, source, out_dir, layout=layout, num_heads=num_heads, input_size=input_size,
                       num_classes=num_classes, **bundling)

@@ -170,13 +170,12 @@ def plan_text_encoders(src, file_tensors: dict, *, text_encoders=None, tokenizer
   return {n: _plan(n, sources[n], _tokenizer(n, src, tokenizers), allow_nonfinite) for n in found}
 
 
-def write_text_encoders(plans: dict[str, Planned], model_dir: pathlib.Path, save=checkpoint.save) -> None:
-  """Convert and write each planned encoder under ``model_dir/text_encoders`` (one in memory at a time) with
-  ``save(model, out_dir, overwrite=, extra=)``."""
+def write_text_encoders(plans: dict[str, Planned], model_dir: pathlib.Path) -> None:
+  """Convert and write each planned encoder under ``model_dir/text_encoders`` (one in memory at a time)."""
   for name, plan in plans.items():
     out = model_dir / BUNDLED / name
     model = plan.convert()
-    save(model, out, overwrite=True, extra=plan.meta())
+    checkpoint.save(model, out, overwrite=True, extra=plan.meta())
     plan.tokenizer.save(out / TOKENIZER)
     del model
     gc.collect()
