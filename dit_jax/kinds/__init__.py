@@ -11,6 +11,7 @@ from flax import nnx
 from dit_jax.kinds.base import Kind, SampleSpec
 from dit_jax.kinds.clip import CLIPTextKind
 from dit_jax.kinds.dit import DiTKind
+from dit_jax.kinds.flux import FluxKind
 from dit_jax.kinds.mmdit import MMDiTKind
 from dit_jax.kinds.t5 import T5EncoderKind
 from dit_jax.kinds.vae import VAEKind
@@ -24,7 +25,7 @@ def register(kind: Kind) -> Kind:
   return kind
 
 
-for _kind in (DiTKind(), MMDiTKind(), VAEKind(), CLIPTextKind(), T5EncoderKind()):
+for _kind in (DiTKind(), MMDiTKind(), VAEKind(), CLIPTextKind(), T5EncoderKind(), FluxKind()):
   register(_kind)
 
 
