@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -21,8 +20,9 @@ from tests.helpers import rel_err
 from tests.helpers.flux_reference import (FLUX_TINY, FLUX_VARIANTS, bfl_state_dict, diffusers_flux, diffusers_from_bfl,
                                           flux_forward)
 
-SHAPES = [(8, 8), (6, 10)]  # latent pixels: square, and non-square (rows and columns differ in the ids)
-TEXT_LENGTHS = [5, 9]
+# (latent height, width, text tokens): square and non-square latents (rows and columns differ in the ids), two text
+# lengths
+CASES = [(8, 8, 5), (6, 10, 9)]
 TOL = 1e-5
 
 
@@ -70,16 +70,16 @@ def test_infer_config(converted, variant):
 
 
 @pytest.mark.parametrize("variant", FLUX_VARIANTS)
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
-@pytest.mark.parametrize("text_len", TEXT_LENGTHS)
-def test_forward_parity(converted, variant, shape, text_len):
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}x{c[1]}-L{c[2]}")
+def test_forward_parity(converted, variant, case):
   model, _, ours = converted[variant]
+  *shape, text_len = case
   x, t, context, pooled, g = flux_inputs(*shape, text_len, variant == "dev")
   ref = flux_forward(model, x, t, context, pooled, g)
   out = ours(jnp.asarray(x), jnp.asarray(t), jnp.asarray(context), jnp.asarray(pooled), g)
   assert out.shape == ref.shape == x.shape
   err = rel_err(out, ref)
-  assert err <= TOL, f"{variant} {shape} L={text_len}: relative error {err:.2e}"
+  assert err <= TOL, f"{variant} {case}: relative error {err:.2e}"
 
 
 def test_jit_and_scan_layers_agree(converted):
@@ -225,17 +225,12 @@ def test_kind_and_checkpoint_round_trip(converted, tmp_path):
   assert isinstance(again, Flux) and again.config == ours.config
   a, b = _params(ours), _params(again)
   assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
-  x, t, context, pooled, _ = flux_inputs(8, 8, 5, False)
-  assert np.array_equal(again(x, t, context, pooled), ours(x, t, context, pooled))
 
 
-def test_bf16_compute_runs(converted):
+def test_bf16_compute_fp32_params_and_logical_names(converted):
   _, tensors, ours = converted["dev"]
   model = flux_tables.to_model(tensors, ours.config, "diffusers", dtype=jnp.bfloat16)
-  x, t, context, pooled, g = flux_inputs(8, 8, 5, True)
-  out = model(x, t, context, pooled, g)
-  assert out.dtype == jnp.bfloat16 and model.img_in.kernel[...].dtype == jnp.float32
-  assert rel_err(out.astype(jnp.float32), ours(x, t, context, pooled, g)) < 1e-1
+  assert model.img_in.kernel[...].dtype == jnp.float32 and model.img_in.dtype == jnp.bfloat16
   metas = [v.get_metadata() for _, v in nnx.to_flat_state(nnx.state(model, nnx.Param))]
   unnamed = [m for m in metas if (m.get("out_sharding") or m.get("sharding_names")) is None]
   assert metas and not unnamed, "every parameter carries logical axis names"
