@@ -225,6 +225,12 @@ def test_kind_and_checkpoint_round_trip(converted, tmp_path):
   assert isinstance(again, Flux) and again.config == ours.config
   a, b = _params(ours), _params(again)
   assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+  from safetensors.numpy import load_file
+
+  from dit_jax.convert.files import export
+  exported = load_file(export(saved, tmp_path / "flux1.safetensors", layout="original"))  # BFL keys, no prefix
+  bfl = flux_tables.from_model(ours, "bfl")
+  assert exported.keys() == bfl.keys() and all(np.array_equal(exported[k], bfl[k]) for k in bfl)
 
 
 def test_bf16_compute_fp32_params_and_logical_names(converted):
