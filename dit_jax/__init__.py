@@ -8,6 +8,7 @@ Public API:
                                  -> final latents (one jitted loop; DiT: class ids, MMDiT: {"context", "pooled"})
   DiT, DiTConfig, dit_config     -> the model, its config and the paper's named configs (CONFIGS)
   MMDiT, MMDiTConfig             -> SD3 / SD3.5 multimodal DiT
+  Flux, FluxConfig               -> FLUX.1 [dev] / [schnell] transformer (forward and conversion; sampling to come)
   load_text_encoders(path)       -> TextEncoders (CLIP-L, CLIP-G, T5 and their tokenizers) bundled with an SD3 model
   encode_prompt(encoders, prompts, *, negative, profile, max_sequence_length, clip_skip)
                                  -> {"context": (B, L, 4096), "pooled": (B, 2048)} (and the negatives)
@@ -15,10 +16,11 @@ Public API:
 from dit_jax.checkpoint import CheckpointError, load, load_vae, save
 from dit_jax.diffusion.samplers import sample
 from dit_jax.models.dit import CONFIGS, CONVENTIONS, DiT, DiTConfig, dit_config
+from dit_jax.models.flux import Flux, FluxConfig
 from dit_jax.models.mmdit import MMDiT, MMDiTConfig
 from dit_jax.text.conditioning import encode_prompt
 from dit_jax.text.encoders import TextEncoders, load_text_encoders
 
 __version__ = "0.1.0"
-__all__ = ["CONFIGS", "CONVENTIONS", "CheckpointError", "DiT", "DiTConfig", "MMDiT", "MMDiTConfig", "TextEncoders",
-           "dit_config", "encode_prompt", "load", "load_text_encoders", "load_vae", "sample", "save"]
+__all__ = ["CONFIGS", "CONVENTIONS", "CheckpointError", "DiT", "DiTConfig", "Flux", "FluxConfig", "MMDiT", "MMDiTConfig",
+           "TextEncoders", "dit_config", "encode_prompt", "load", "load_text_encoders", "load_vae", "sample", "save"]
