@@ -3,9 +3,6 @@ and the peak memory of a whole conversion (a synthetic fp16 DiT converted in a s
 output plus 2 GiB above the process's baseline after imports."""
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 
 import ml_dtypes
 import numpy as np
@@ -20,7 +17,7 @@ from dit_jax.convert import dit_tables, engine
 from dit_jax.convert.files import convert
 from dit_jax.convert.readers import LazyTensor, load_all, read_source
 from dit_jax.models.dit import DiT, DiTConfig
-from tests.helpers.processes import device_env
+from tests.helpers.processes import conversion_peak
 
 HEADROOM = 2 << 30  # allowed above the fp32 output: one source tensor, orbax / tensorstore buffers, allocator slack
 # The tighter streaming criterion: the output, a few copies of the largest parameter (its source, its fp32 cast, the
@@ -28,29 +25,6 @@ HEADROOM = 2 << 30  # allowed above the fp32 output: one source tensor, orbax / 
 # 1 GiB case (bound 3.0 GiB) and 932 MiB for the 150 MiB one (bound 750 MiB).
 TENSORS, FIXED = 3, 384 << 20
 
-# The subprocess: imports and the CPU backend belong to the baseline; the peak (VmHWM, reset after the imports where
-# the kernel allows) covers the conversion only.
-SCRIPT = r"""
-import json, sys
-import jax.numpy as jnp
-import orbax.checkpoint  # noqa: F401
-from dit_jax.convert.files import convert
-
-def status(field):
-  for line in open("/proc/self/status"):
-    if line.startswith(field + ":"):
-      return int(line.split()[1]) * 1024
-
-jnp.zeros(1).block_until_ready()
-try:
-  with open("/proc/self/clear_refs", "w") as f:
-    f.write("5")
-except OSError:
-  pass
-baseline = status("VmRSS")
-convert(sys.argv[1], sys.argv[2])
-print(json.dumps({"baseline": baseline, "peak": status("VmHWM")}))
-"""
 
 
 def synthetic_dit(path, hidden: int, depth: int, seed: int = 0) -> tuple[DiTConfig, int, int]:
@@ -75,11 +49,7 @@ def _measure(tmp, hidden: int, depth: int) -> tuple[float, int, DiTConfig]:
   """(peak RSS above the baseline, fp32 output bytes, config) of converting a synthetic DiT in a subprocess."""
   src = tmp / "dit.safetensors"
   cfg, out_bytes, largest = synthetic_dit(src, hidden, depth)
-  result = subprocess.run([sys.executable, "-c", SCRIPT, str(src), str(tmp / "ckpt")], capture_output=True, text=True,
-                          env=device_env(1), timeout=900)
-  assert result.returncode == 0, result.stderr[-3000:]
-  measured = json.loads(result.stdout.strip().splitlines()[-1])
-  rise = measured["peak"] - measured["baseline"]
+  rise = conversion_peak(src, tmp / "ckpt")
   tight = out_bytes + TENSORS * largest + FIXED
   print(f"\nstreaming conversion of {src.stat().st_size / 2**30:.2f} GiB fp16 (hidden={hidden} depth={depth}): "
         f"peak RSS {rise / 2**30:.2f} GiB above the baseline, fp32 output {out_bytes / 2**30:.2f} GiB, bounds "

@@ -9,9 +9,6 @@ MMDiT's joint_attention_dim) with tiny heads."""
 from __future__ import annotations
 
 import functools
-import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -21,9 +18,8 @@ from safetensors.numpy import load_file, save_file
 import dit_jax
 from dit_jax.checkpoint import flat_params, read_meta
 from dit_jax.convert.files import convert
-from tests.helpers import REPO_ROOT
 from tests.helpers.clip_reference import hf_clip, hf_state_dict, openclip_state_dict
-from tests.helpers.processes import device_env, one_line_error, run_cli
+from tests.helpers.processes import conversion_peak, device_env, one_line_error, run_cli
 from tests.helpers.reference import SD3_VARIANTS, diffusers_dit, diffusers_sd3, stability_state_dict
 from tests.helpers.t5_reference import T5_TINY, hf_t5, t5_state_dict
 from tests.helpers.tokenizer_files import bpe_gz, write_pipeline_tokenizers
@@ -261,27 +257,6 @@ def test_export_gives_the_sources_back(sources, stability, tmp):
 
 HEADROOM = 2 << 30  # the issue's bound: peak memory at most the output size plus 2 GB
 STREAM_T5 = dict(vocab=256, d_model=2048, d_ff=5120, layers=5, heads=32, d_kv=64, buckets=32)
-SCRIPT = r"""
-import json, sys
-import jax.numpy as jnp
-import orbax.checkpoint  # noqa: F401
-from dit_jax.convert.files import convert
-
-def status(field):
-  for line in open("/proc/self/status"):
-    if line.startswith(field + ":"):
-      return int(line.split()[1]) * 1024
-
-jnp.zeros(1).block_until_ready()
-try:
-  with open("/proc/self/clear_refs", "w") as f:
-    f.write("5")
-except OSError:
-  pass
-baseline = status("VmRSS")
-convert(sys.argv[1], sys.argv[2])
-print(json.dumps({"baseline": baseline, "peak": status("VmHWM")}))
-"""
 
 
 def synthetic_t5(path, vocab, d_model, d_ff, layers, heads, d_kv, buckets) -> int:
@@ -304,11 +279,7 @@ def synthetic_t5(path, vocab, d_model, d_ff, layers, heads, d_kv, buckets) -> in
 def test_fp16_t5_conversion_streams(tmp):
   src = tmp / "t5xxl_fp16.safetensors"
   out_bytes = synthetic_t5(src, **STREAM_T5)
-  result = subprocess.run([sys.executable, "-c", SCRIPT, str(src), str(tmp / "ckpt")], capture_output=True,
-                          text=True, env=device_env(1), timeout=600, cwd=REPO_ROOT)
-  assert result.returncode == 0, result.stderr[-3000:]
-  measured = json.loads(result.stdout.strip().splitlines()[-1])
-  rise = measured["peak"] - measured["baseline"]
+  rise = conversion_peak(src, tmp / "ckpt")
   report = (f"fp16 T5 of {src.stat().st_size / 2**20:.0f} MiB converted: peak RSS {rise / 2**20:.0f} MiB above the "
             f"baseline, fp32 output {out_bytes / 2**20:.0f} MiB, bound {(out_bytes + HEADROOM) / 2**20:.0f} MiB")
   print("\n" + report)

@@ -56,3 +56,40 @@ def one_line_error(status: int, stderr: str, fragment: str | None = None) -> str
   assert ok, f"want status 2 and one line 'error: ...', got status {status}, stderr:\n{stderr[-3000:]}"
   assert fragment is None or fragment in lines[0], f"{fragment!r} not in {lines[0]!r}"
   return lines[0]
+
+
+# The subprocess of conversion_peak: imports and the CPU backend belong to the baseline; the peak (VmHWM, reset after
+# the imports where the kernel allows) covers the conversion only.
+_PEAK_SCRIPT = r"""
+import json, sys
+import jax.numpy as jnp
+import orbax.checkpoint  # noqa: F401
+from dit_jax.convert.files import convert
+
+def status(field):
+  for line in open("/proc/self/status"):
+    if line.startswith(field + ":"):
+      return int(line.split()[1]) * 1024
+
+jnp.zeros(1).block_until_ready()
+try:
+  with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")
+except OSError:
+  pass
+baseline = status("VmRSS")
+convert(sys.argv[1], sys.argv[2])
+print(json.dumps({"baseline": baseline, "peak": status("VmHWM")}))
+"""
+
+
+def conversion_peak(src, out, timeout: int = 900) -> int:
+  """Bytes of peak RSS above the post-import baseline while ``dit_jax.convert.files.convert(src, out)`` runs in a
+  fresh one-device CPU process."""
+  import json
+
+  result = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT, str(src), str(out)], capture_output=True, text=True,
+                          env=device_env(1), timeout=timeout, cwd=REPO_ROOT)
+  assert result.returncode == 0, result.stderr[-3000:]
+  measured = json.loads(result.stdout.strip().splitlines()[-1])
+  return measured["peak"] - measured["baseline"]
