@@ -110,8 +110,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, loa
       if flops_per_step is None:
         flops_per_step = 3 * kind.flops(trainer.model_config, batch) * config.global_batch_size
       state, metrics = trainer.step(state, rest, batch)
+      stop = sigterm.received  # read once: a SIGTERM landing later in this step is handled at the next one
       log = step % config.log_every_steps == 0 or step == config.total_steps
-      save = step % config.checkpoint_every_steps == 0 or step == config.total_steps or sigterm.received
+      save = step % config.checkpoint_every_steps == 0 or step == config.total_steps or stop
       grid = config.sample_every_steps and step % config.sample_every_steps == 0
       if not (log or save or grid):
         continue  # no device read: dispatch runs ahead; the non-finite guard holds the state on device
@@ -132,7 +133,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, loa
         ckpts.save(step, state, rest, {"data": loader.get_state(), "step": step})
       if grid:
         write_sample_grid(config, trainer.ema_model(state, rest), workdir, step, writer)
-      if sigterm.received:
+      if stop:
         break
   finally:
     sigterm.restore()
