@@ -6,8 +6,9 @@ noise, and
   x_sigma = (1 - sigma) x0 + sigma noise,     v = dx_sigma / dsigma = noise - x0.
 
 SiT (Ma et al. 2024, ``transport/``) runs time the other way: t = 1 - sigma, t = 0 noise, t = 1 data, and its
-velocity is dx/dt = x0 - noise = -v. SD3's MMDiT is fed the timestep 1000 sigma, SiT's the continuous t in [0, 1].
-:class:`FlowConvention` converts a model's time and output; :data:`SD3` and :data:`SIT` are the two instances.
+velocity is dx/dt = x0 - noise = -v. SD3's MMDiT is fed the timestep 1000 sigma, SiT's the continuous t in [0, 1],
+FLUX sigma itself (it multiplies by 1000 inside). :class:`FlowConvention` converts a model's time and output;
+:data:`SD3`, :data:`SIT` and :data:`FLUX` are the instances.
 
 Samplers take ``velocity_fn(x, sigma) -> v`` with x (B, H, W, C) and sigma (B,), v in the SD3 convention, and a
 descending sigma array (steps + 1,), normally ending at 0. Each runs as one ``lax.scan`` (jittable as a whole),
@@ -73,7 +74,8 @@ class FlowConvention:
 
 SD3 = FlowConvention("sd3", time_scale=1000.0, reverse_time=False, velocity_sign=1.0)
 SIT = FlowConvention("sit", time_scale=1.0, reverse_time=True, velocity_sign=-1.0)
-CONVENTIONS = {"sd3": SD3, "sit": SIT}
+FLUX = FlowConvention("flux", time_scale=1.0, reverse_time=False, velocity_sign=1.0)  # takes sigma, x1000 inside
+CONVENTIONS = {"sd3": SD3, "sit": SIT, "flux": FLUX}
 METHODS = ("euler", "heun", "dpmpp_2m", "dpmpp_2m_sd35", "sde")  # the flow samplers
 
 
