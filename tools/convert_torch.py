@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Convert PyTorch DiT / MMDiT (SD3, SD3.5) / VAE checkpoints to dit_jax checkpoint directories, and back.
+"""Convert PyTorch DiT / MMDiT (SD3, SD3.5) / FLUX.1 / VAE checkpoints to dit_jax checkpoint directories, and back.
 
   python tools/convert_torch.py DiT-XL-2-256x256.pt ckpt/dit_xl2_256          # original state dict
   python tools/convert_torch.py results/000-DiT-XL-2/checkpoints/0400000.pt out --weights model
@@ -10,9 +10,13 @@
                                                                                  # text encoders and tokenizers
   python tools/convert_torch.py sd3.5_medium.safetensors ckpt/sd35m \
       --text-encoders sd3.5/text_encoders --tokenizers path/to/stable-diffusion-3.5-medium   # Stability's files
+  python tools/convert_torch.py flux1-dev.safetensors ckpt/flux-dev --vae ae.safetensors   # BFL files (or ComfyUI's)
+  python tools/convert_torch.py path/to/FLUX.1-schnell ckpt/flux-schnell    # FluxPipeline folder: transformer + vae/
+  python tools/convert_torch.py ae.safetensors ckpt/flux-vae                # FLUX VAE alone (scale 0.3611 shift 0.1159)
   python tools/convert_torch.py ckpt/sd35m/text_encoders/clip_g clip_g.safetensors --to torch   # hf layout
   python tools/convert_torch.py ckpt/dit_xl2_256 dit.safetensors --to torch [--layout original|diffusers]
   python tools/convert_torch.py ckpt/sd35m sd35m.safetensors --to torch [--layout stability|diffusers]
+  python tools/convert_torch.py ckpt/flux-dev flux1-dev.safetensors --to torch [--layout bfl|diffusers]
 
 Conversions stream tensor by tensor (peak memory: the converted model plus about one source tensor). Errors are
 reported in one line on stderr with exit status 2: option values are checked before anything is read, and
@@ -38,17 +42,25 @@ from dit_jax.text.encoders import BUNDLED as BUNDLED_TEXT  # noqa: E402
 from dit_jax.models.vae import PRESETS  # noqa: E402
 
 
+def _int_list(text: str) -> tuple[int, ...]:
+  try:
+    return tuple(int(v) for v in text.split(","))
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
+
+
 def parse_args(argv=None) -> argparse.Namespace:
   p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("src", help="torch .pt/.bin/.safetensors, diffusers folder, or (with --to torch) a dit_jax dir")
   p.add_argument("out", help="output checkpoint directory, or (with --to torch) a .safetensors file")
   p.add_argument("--to", choices=["jax", "torch"], default="jax", help="direction (default: jax)")
-  p.add_argument("--format", dest="layout", default="auto", choices=["auto", "original", "diffusers", "stability"],
-                 help="source key layout (import; default: auto-detect); original = DiT, stability = MMDiT")
+  p.add_argument("--format", dest="layout", default="auto", choices=["auto", "original", "diffusers", "stability", "bfl"],
+                 help="source key layout (import; default: auto-detect); original = DiT (or bfl), stability = MMDiT, "
+                      "bfl = FLUX")
   p.add_argument("--layout", dest="export_layout", default="original",
-                 choices=["original", "diffusers", "stability", "ldm", "hf", "openclip"],
+                 choices=["original", "diffusers", "stability", "bfl", "ldm", "hf", "openclip"],
                  help="key layout of the exported safetensors (--to torch; default: original, i.e. stability for an "
-                      "MMDiT and ldm for a VAE)")
+                      "MMDiT, bfl for FLUX and ldm for a VAE)")
   p.add_argument("--vae", default=None, help="a VAE (diffusers folder / file, LDM or SD single file) to bundle")
   p.add_argument("--no-vae", action="store_true",
                  help="do not bundle a pipeline folder's vae/ or a single file's first_stage_model.*")
@@ -72,6 +84,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                       "folder has them) when the source has none")
   p.add_argument("--no-text-encoders", action="store_true",
                  help="do not bundle a pipeline folder's text_encoder*/ or a single file's text_encoders.*")
+  p.add_argument("--axes-dims-rope", type=_int_list, default=None, metavar="A,B,C",
+                 help="a FLUX transformer's rotary widths per position axis when neither a config.json nor 128-wide "
+                      "heads (FLUX.1: 16,56,56) give them")
   p.add_argument("--allow-nonfinite", action="store_true",
                  help="convert weights holding NaN / Inf (refused by default)")
   p.add_argument("--dtype", default=None, choices=FLOAT_DTYPES,
@@ -112,7 +127,8 @@ def main(argv=None) -> int:
                     input_size=args.input_size, num_classes=args.num_classes, vae=args.vae,
                     bundle_vae=not args.no_vae, vae_preset=args.vae_preset, overwrite=args.overwrite,
                     allow_nonfinite=args.allow_nonfinite, text_encoders=args.text_encoders,
-                    tokenizers=args.tokenizers, bundle_text_encoders=not args.no_text_encoders)
+                    tokenizers=args.tokenizers, bundle_text_encoders=not args.no_text_encoders,
+                    axes_dims_rope=args.axes_dims_rope)
       print(f"wrote {args.out}: {summary(cfg, pathlib.Path(args.out))}")
   except (ConversionError, CheckpointError, FileNotFoundError, PermissionError, IsADirectoryError) as e:
     return fail(e)

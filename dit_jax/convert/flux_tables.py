@@ -157,6 +157,39 @@ def strip_prefix(tensors: dict) -> dict:
   return {k[len(COMFY_PREFIX):]: v for k, v in tensors.items() if k.startswith(COMFY_PREFIX)}
 
 
+# Other parts of a ComfyUI checkpoint next to its model.diffusion_model.*: the VAE (bundled) and text encoders (left out).
+VAE_PREFIX = "first_stage_model."
+TEXT_ENCODER_PREFIXES = ("text_encoders.", "cond_stage_model.", "conditioner.")
+
+
+def select_flux(tensors: dict) -> tuple[dict, dict, int] | None:
+  """Split a FLUX source into (FLUX tensors without a prefix, VAE tensors, number of text-encoder tensors left
+  out), or None when it holds no FLUX transformer.
+
+  A ComfyUI file keeps the transformer under ``model.diffusion_model.`` and, in a full checkpoint, the VAE under
+  ``first_stage_model.`` and text encoders under ``text_encoders.``; any other key next to a prefixed transformer
+  is a one-line ConversionError. Without the prefix every key belongs to the transformer (BFL's single file or a
+  diffusers state dict; unknown keys are then reported by the strict key table)."""
+  if not any(k.startswith(COMFY_PREFIX) for k in tensors):
+    return (tensors, {}, 0) if is_flux(tensors) else None
+  model, vae, rest, ignored = {}, {}, [], 0
+  for key, value in tensors.items():
+    if key.startswith(COMFY_PREFIX):
+      model[key[len(COMFY_PREFIX):]] = value
+    elif key.startswith(VAE_PREFIX):
+      vae[key[len(VAE_PREFIX):]] = value
+    elif key.startswith(TEXT_ENCODER_PREFIXES):
+      ignored += 1
+    else:
+      rest.append(key)
+  if not is_flux(model):
+    return None
+  if rest:
+    raise ConversionError(f"unknown top-level keys next to the {COMFY_PREFIX}* FLUX transformer: {listing(rest)} "
+                          f"(expected only {VAE_PREFIX}* and text encoders {', '.join(TEXT_ENCODER_PREFIXES)})")
+  return model, vae, ignored
+
+
 def is_flux(tensors: dict) -> bool:
   """True for a FLUX transformer state dict in either layout (a ComfyUI prefix allowed)."""
   try:
@@ -263,10 +296,12 @@ def infer_config(tensors: dict, layout: str, diffusers_config: dict[str, Any] | 
   if head_dim <= 0 or hidden % head_dim:
     raise ConversionError(f"{keys['norm_q']} has width {head_dim}: cannot split hidden size {hidden} into heads")
   axes = overrides.get("axes_dims_rope") or dcfg.get("axes_dims_rope")
+  if dcfg.get("axes_dims_rope") is not None and tuple(axes) != tuple(dcfg["axes_dims_rope"]):
+    raise ConversionError(f"axes_dims_rope={list(axes)} contradicts config.json's {list(dcfg['axes_dims_rope'])}")
   if axes is None:
     if head_dim != 128:
       raise ConversionError(f"cannot infer axes_dims_rope for {head_dim}-wide heads (FLUX.1's (16, 56, 56) needs "
-                            "128); pass axes_dims_rope or a config.json")
+                            "128); pass axes_dims_rope (--axes-dims-rope) or a config.json")
     axes = (16, 56, 56)
   values = dict(
       in_channels=img.shape[1], out_channels=final.shape[0], num_layers=count_blocks(tensors, keys["double"],
