@@ -1,6 +1,6 @@
 """Sampling presets: ``configs/sampling/<name>.py`` files whose ``get_config(flavour)`` gives method, steps, shift,
-CFG scale and skip-layer guidance for one model family, in named flavours (e.g. Stability's reference defaults and
-diffusers' pipeline defaults)."""
+CFG scale and skip-layer guidance (FLUX: also the distilled guidance and the schedule) for one model family, in named
+flavours (e.g. the model authors' reference defaults and diffusers' pipeline defaults)."""
 from __future__ import annotations
 
 import importlib.util
@@ -15,6 +15,7 @@ from dit_jax.diffusion.guidance import SkipLayerGuidance
 
 PRESET_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs" / "sampling"
 PRESET_KEYS = ("method", "steps", "shift", "cfg_scale", "skip_layer_guidance")
+OPTIONAL_KEYS = ("guidance", "schedule")  # FLUX: distilled guidance, 'reference' / 'diffusers' schedule (None)
 
 
 def make_preset(flavours: dict[str, dict[str, Any]], flavour: str | None):
@@ -32,7 +33,9 @@ def preset_names() -> list[str]:
 def load_preset(name_or_path: str, flavour: str | None = None):
   """Load a sampling preset: a name in configs/sampling/ ('sd35_medium') or a .py path with ``get_config``;
   'NAME:FLAVOUR' (or ``flavour``) picks a flavour, e.g. 'sd35_medium:diffusers'. Returns a validated ConfigDict
-  with method, steps, shift, cfg_scale, skip_layer_guidance (None or layers / scale / start / stop), flavour."""
+  with method, steps, shift (None: the model kind's default, e.g. FLUX's resolution-dependent shift), cfg_scale,
+  skip_layer_guidance (None or layers / scale / start / stop), guidance, schedule (None unless the preset sets
+  them) and flavour."""
   text, _, suffix = str(name_or_path).partition(":")
   flavour = flavour or suffix or None
   path = pathlib.Path(text)
@@ -49,12 +52,18 @@ def load_preset(name_or_path: str, flavour: str | None = None):
     raise ValueError(f"sampling preset {path} has no get_config()")
   config = module.get_config(flavour) if flavour else module.get_config()
   missing = [k for k in PRESET_KEYS if k not in config]
-  unknown = sorted(set(config.keys()) - set(PRESET_KEYS) - {"flavour"})
+  unknown = sorted(set(config.keys()) - set(PRESET_KEYS) - set(OPTIONAL_KEYS) - {"flavour"})
   if missing or unknown:
     raise ValueError(f"sampling preset {path.name}: missing {missing or 'nothing'}, unknown keys {unknown or 'none'}")
   if config.method not in flow.METHODS or not isinstance(config.steps, int) or config.steps <= 0 \
-      or config.shift <= 0 or config.cfg_scale < 0:
-    raise ValueError(f"sampling preset {path.name}: invalid method / steps / shift / cfg_scale "
-                     f"({config.method}, {config.steps}, {config.shift}, {config.cfg_scale})")
+      or (config.shift is not None and config.shift <= 0) or config.cfg_scale < 0 \
+      or config.get("schedule") not in (None, *flow.FLUX_SCHEDULES) \
+      or (config.get("guidance") is not None and config.guidance < 0):
+    raise ValueError(f"sampling preset {path.name}: invalid method / steps / shift / cfg_scale / guidance / "
+                     f"schedule ({config.method}, {config.steps}, {config.shift}, {config.cfg_scale}, "
+                     f"{config.get('guidance')}, {config.get('schedule')})")
   SkipLayerGuidance.parse(config.skip_layer_guidance)
+  with config.unlocked():
+    for key in OPTIONAL_KEYS:
+      config[key] = config.get(key)
   return config

@@ -109,7 +109,8 @@ def test_presets_load_and_validate(tmp):
   turbo = load_preset("sd35_large_turbo")
   assert (turbo.method, turbo.steps, turbo.cfg_scale, turbo.skip_layer_guidance) == ("euler", 4, 1.0, None)
   assert load_preset("sd3_medium:diffusers").to_dict() == dict(flavour="diffusers", method="euler", steps=28,
-                                                                shift=3.0, cfg_scale=7.0, skip_layer_guidance=None)
+                                                                shift=3.0, cfg_scale=7.0, skip_layer_guidance=None,
+                                                                guidance=None, schedule=None)
   with pytest.raises(ValueError, match="unknown preset flavour 'fast'"):
     load_preset("sd35_large:fast")
   bad = tmp / "bad.py"

@@ -47,13 +47,28 @@ SCRIPT = textwrap.dedent("""
     err = float(np.abs(np.asarray(single) - np.asarray(sharded)).max() / np.abs(np.asarray(single)).max())
     assert err < 1e-5, ("mmdit", err)
     print("mmdit sharded vs single-device rel err", err)
+    from dit_jax.models.flux import Flux, FluxConfig
+    fx = Flux(FluxConfig(in_channels=16, out_channels=16, num_layers=1, num_single_layers=2, attention_head_dim=16,
+                         num_attention_heads=2, joint_attention_dim=12, pooled_projection_dim=10,
+                         guidance_embeds=True, axes_dims_rope=(4, 6, 6)), rngs=nnx.Rngs(0))
+    graphdef, state = nnx.split(fx)
+    fx = nnx.merge(graphdef, jax.tree.map(lambda a: 0.1 * jax.random.normal(next(keys), a.shape), state))
+    kw = dict(steps=4, cfg_scale=2.0, negative={k: v[:1] for k, v in cond.items()}, guidance=3.5,
+              latent_size=(6, 4), schedule="reference")
+    single = sample(fx, cond, jax.random.key(0), **kw)
+    sharded = sample(fx, cond, jax.random.key(0), mesh=mesh, **kw)
+    assert len(sharded.sharding.device_set) == 8, sharded.sharding
+    err = float(np.abs(np.asarray(single) - np.asarray(sharded)).max() / np.abs(np.asarray(single)).max())
+    assert err < 1e-5, ("flux", err)
+    print("flux sharded vs single-device rel err", err)
 """)
 
 
 def test_sampling_sharded_over_8_devices_matches_single_device():
-  """DiT (ddpm with CFG, ddim) and MMDiT (dpmpp_2m_sd35 with CFG and skip-layer guidance) on a (4, 2) mesh."""
+  """DiT (ddpm with CFG, ddim), MMDiT (dpmpp_2m_sd35 with CFG and skip-layer guidance) and FLUX (dev-like:
+  guidance input, resolution shift, true CFG) on a (4, 2) mesh."""
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
              PYTHONPATH=str(REPO))
   result = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, cwd=REPO)
   assert result.returncode == 0, result.stderr[-3000:]
-  assert all(f"{m} sharded" in result.stdout for m in ("ddpm", "ddim", "mmdit")), result.stdout
+  assert all(f"{m} sharded" in result.stdout for m in ("ddpm", "ddim", "mmdit", "flux")), result.stdout

@@ -156,6 +156,36 @@ def flow_sigmas(steps: int, shift: float = 3.0, *, mu: float | None = None,
   return np.append(sigmas.astype(np.float32), np.float32(0))
 
 
+def flux_sigmas(steps: int, mu: float | None = None, *, shift: float | None = None,
+                flavour: str = "diffusers") -> np.ndarray:
+  """(steps + 1,) float32 FLUX.1 sigmas from 1 to 0: t = linspace(1, 0, steps + 1) shifted by
+  :func:`time_shift_exponential` with ``mu`` (dev: :func:`dynamic_shift_mu` of the image tokens), by the constant
+  ``shift`` instead, or not at all (schnell).
+
+  The flavours are the same schedule computed as each reference does: 'reference' is BFL's ``get_schedule``
+  (a float32 linspace over steps + 1 points, the final 0 shifted to 0); 'diffusers' is FluxPipeline's
+  ``linspace(1, 1 / steps, steps)`` in float64, cast to float32 and shifted by ``FlowMatchEulerDiscreteScheduler``,
+  then a 0 appended.
+  """
+  if flavour not in FLUX_SCHEDULES:
+    raise ValueError(f"unknown FLUX schedule {flavour!r}; choose one of {', '.join(FLUX_SCHEDULES)}")
+  if mu is not None and shift is not None:
+    raise ValueError("give mu (dynamic shift) or shift, not both")
+  if flavour == "reference":
+    t = np.linspace(1, 0, steps + 1, dtype=np.float32)
+  else:
+    t = np.linspace(1.0, 1.0 / steps, steps).astype(np.float32)
+  with np.errstate(divide="ignore"):
+    if mu is not None:
+      t = time_shift_exponential(mu, 1.0, t).astype(np.float32)
+    elif shift is not None and shift != 1.0:
+      t = shift_sigmas(t, np.float32(shift)).astype(np.float32)
+  return t if flavour == "reference" else np.append(t, np.float32(0))
+
+
+FLUX_SCHEDULES = ("reference", "diffusers")
+
+
 def dpm_flow_sigmas(steps: int, shift: float = 3.0, num_train_timesteps: int = 1000) -> np.ndarray:
   """(steps + 1,) float32: the sigmas of diffusers' ``DPMSolverMultistepScheduler(use_flow_sigmas=True,
   flow_shift=shift)`` (final_sigmas_type 'zero').

@@ -129,6 +129,7 @@ class _Options:
   shift: float
   convention: str
   slg: guidance.SkipLayerGuidance | None
+  sigmas: tuple[float, ...] | None  # the kind's own flow schedule (FLUX), else flow_schedule(method, ...)
 
 
 def _flow_solve(method, velocity, x, sigmas, step_noise, key):
@@ -147,7 +148,8 @@ def _compiled(graphdef, o: _Options):
     cfg = model.config
     kind = kinds.of(model)
     net = kind.sample_network(model)
-    kw = dict(latent_channels=cfg.in_channels, mode=o.cfg_mode, interval=o.interval)
+    channels = x.shape[-1]  # latent channels (a FLUX model's in_channels count packed 2x2 channels)
+    kw = dict(latent_channels=channels, mode=o.cfg_mode, interval=o.interval)
     if o.method in VP_METHODS:
       diffusion = create_diffusion(o.respacing or str(o.steps))
       model_fn = guidance.guided(net, cond, uncond, o.cfg_scale, noise_level=lambda t: t / 1000.0, **kw)
@@ -156,7 +158,8 @@ def _compiled(graphdef, o: _Options):
         return ddpm(diffusion, model_fn, x, **noise_kw)
       return ddim(diffusion, model_fn, x, eta=o.eta, **noise_kw)
     conv = flow.CONVENTIONS[o.convention]
-    sigmas = jnp.asarray(flow_schedule(o.method, o.steps, o.shift, o.convention))
+    sigmas = jnp.asarray(np.asarray(o.sigmas, np.float32) if o.sigmas is not None
+                         else flow_schedule(o.method, o.steps, o.shift, o.convention))
     on_sigma = lambda f: (lambda x, sigma, c: f(x, conv.model_time(sigma), c))
     if o.slg is not None:
       window = jnp.asarray(o.slg.window(o.steps))
@@ -164,7 +167,7 @@ def _compiled(graphdef, o: _Options):
       kw.update(skip_fn=on_sigma(kind.sample_network(model, o.slg.layers)), skip_scale=o.slg.scale,
                 skip_active=lambda sigma: window[jnp.minimum(jnp.sum(sigmas[:-1] > sigma[0]), o.steps - 1)])
     model_fn = guidance.guided(on_sigma(net), cond, uncond, o.cfg_scale, noise_level=lambda sigma: sigma, **kw)
-    velocity = lambda x, sigma: conv.to_sd3_velocity(model_fn(x, sigma)[..., :cfg.in_channels])
+    velocity = lambda x, sigma: conv.to_sd3_velocity(model_fn(x, sigma)[..., :channels])
     return _flow_solve(o.method, velocity, x, sigmas, step_noise, key)
 
   return jax.jit(run)
@@ -183,26 +186,28 @@ def sample(model: nnx.Module, cond, key: jax.Array | None = None, *, method: str
            step_noise: jax.Array | None = None, respacing: str | None = None, eta: float = 0.0,
            shift: float | None = None, flow_convention: str | None = None, mesh: jax.sharding.Mesh | None = None,
            lower: bool = False, encoders=None, profile: str = "diffusers", max_sequence_length: int = 256,
-           clip_skip: int | None = None) -> jax.Array:
-  """Sample latents from a DiT (class labels) or an MMDiT (text embeddings); the whole loop runs in one jax.jit.
+           clip_skip: int | None = None, guidance: float | None = None, schedule: str | None = None) -> jax.Array:
+  """Sample latents from a DiT (class labels), an MMDiT or a FLUX model (text embeddings); the whole loop runs
+  in one jax.jit.
 
   Args:
-    model: a DiT or an MMDiT (``dit_jax.load``).
-    cond: DiT: (B,) int class ids (``model.config.num_classes`` = the null class). MMDiT: {"context": (B, L,
-      joint_attention_dim), "pooled": (B, pooled_projection_dim)}, or prompt strings with ``encoders``.
+    model: a DiT, an MMDiT or a FLUX model (``dit_jax.load``).
+    cond: DiT: (B,) int class ids (``model.config.num_classes`` = the null class). MMDiT / FLUX: {"context": (B,
+      L, joint_attention_dim), "pooled": (B, pooled_projection_dim)}, or (MMDiT) prompt strings with ``encoders``.
     key: PRNG key for the initial latent and per-step noise (not needed when both are given).
     method: 'ddpm' | 'ddim' (VP, eps models; DiT only) or 'euler' | 'heun' | 'dpmpp_2m' | 'dpmpp_2m_sd35' | 'sde'
       (flow; schedules in :func:`flow_schedule`). Default: 'ddpm' for a DiT, 'euler' for an MMDiT.
     steps: sampling steps. For VP, N respaces like the original scripts (``create_diffusion(str(N))``);
       ``respacing`` ('250', 'a,b,c' or 'ddim50') overrides it. Defaults: DEFAULT_STEPS.
     cfg_scale: classifier-free guidance scale, out = u + s (c - u) (1 = none: one conditional pass; diffusers'
-      guidance_scale <= 1 is 1 here); cfg_mode 'all' or 'dit' (first three channels).
+      guidance_scale <= 1 is 1 here; FLUX: diffusers' true_cfg_scale); cfg_mode 'all' or 'dit' (first three
+      channels).
     guidance_interval: (lo, hi) noise levels in [0, 1] where guidance applies.
-    negative: MMDiT: the unconditional branch's {"context", "pooled"}, 1 or B rows (default zeros).
+    negative: MMDiT / FLUX: the unconditional branch's {"context", "pooled"}, 1 or B rows (default zeros).
     skip_layer_guidance: MMDiT: {"layers": (7, 8, 9), "scale": 2.8, "start": 0.01, "stop": 0.2}; after CFG, steps
       i with start*steps < i < stop*steps add scale * (cond - cond with those blocks skipped). diffusers runs it
       only when guidance_scale > 1; here it runs whenever given.
-    latent_size: MMDiT: (h, w) latent pixels (default (sample_size, sample_size)).
+    latent_size: MMDiT: (h, w) latent pixels (default (sample_size, sample_size)); FLUX: even (default 128, 128).
     noise: (B, H, W, C) initial latent; step_noise: (steps, B, H, W, C) per-step normals (ddpm, ddim eta>0, sde).
     shift: flow sigma shift (default 1 for a DiT, 3 for an MMDiT); flow_convention: 'sit' (t in [0,1], t=1 data;
       the DiT default) or 'sd3' (t = 1000 sigma, velocity = noise - data; always for an MMDiT).
@@ -212,6 +217,9 @@ def sample(model: nnx.Module, cond, key: jax.Array | None = None, *, method: str
     encoders, profile, max_sequence_length, clip_skip: MMDiT from prompts: ``cond`` (and ``negative``, default
       "" as diffusers) are strings encoded by :func:`dit_jax.encode_prompt` with these text encoders
       (:func:`dit_jax.load_text_encoders`).
+    guidance: FLUX.1 [dev]-like models: the distilled guidance scale fed to the model (default 3.5).
+    schedule: FLUX: 'diffusers' (FluxPipeline, default) or 'reference' (BFL ``get_schedule``); shifted by the
+      resolution's mu for guidance-distilled models, unshifted otherwise, a constant ``shift`` if given.
   Returns:
     (B, H, W, C) final latents, float32.
   """
@@ -223,7 +231,8 @@ def sample(model: nnx.Module, cond, key: jax.Array | None = None, *, method: str
                                  max_sequence_length=max_sequence_length, clip_skip=clip_skip)
   spec = kinds.of(model).prepare_sample(model.config, cond, method=method, shift=shift,
                                         flow_convention=flow_convention, negative=negative,
-                                        skip_layer_guidance=skip_layer_guidance, latent_size=latent_size)
+                                        skip_layer_guidance=skip_layer_guidance, latent_size=latent_size,
+                                        guidance=guidance, schedule=schedule)
   method, latent_shape = spec.method, spec.latent_shape
   _validate(method, steps, cfg_scale, step_noise, latent_shape, respacing)
   if not spec.shift > 0:  # also NaN; a shift <= 0 turns the flow schedule into garbage (all-zero images)
@@ -246,8 +255,9 @@ def sample(model: nnx.Module, cond, key: jax.Array | None = None, *, method: str
     raise ValueError(f"noise has shape {tuple(x.shape)}, expected {latent_shape}")
   graphdef, state = nnx.split(model)
   interval = tuple(float(v) for v in guidance_interval) if guidance_interval is not None else None
+  sigmas = tuple(float(s) for s in spec.schedule(steps)) if spec.schedule is not None else None
   fn = _compiled(graphdef, _Options(method, steps, float(cfg_scale), cfg_mode, interval, respacing, float(eta),
-                                    float(spec.shift), spec.flow_convention, spec.slg))
+                                    float(spec.shift), spec.flow_convention, spec.slg, sigmas))
   cond, uncond = jax.tree.map(jnp.asarray, (spec.cond, spec.uncond))
   step_noise = jnp.asarray(step_noise, jnp.float32) if step_noise is not None else None
   if mesh is not None:

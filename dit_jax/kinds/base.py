@@ -29,6 +29,7 @@ class SampleSpec:
   shift: float
   flow_convention: str
   slg: guidance.SkipLayerGuidance | None = None
+  schedule: Callable[[int], np.ndarray] | None = None  # steps -> (steps + 1,) sigmas (None: the method's default)
 
 
 class Kind:
@@ -108,9 +109,13 @@ class Kind:
 
   def prepare_sample(self, model_config, cond, *, method: str | None, shift: float | None,
                      flow_convention: str | None, negative=None, skip_layer_guidance=None,
-                     latent_size=None) -> SampleSpec:
+                     latent_size=None, guidance=None, schedule=None) -> SampleSpec:
     """Check a ``dit_jax.sample`` request against the model and fill in the kind's defaults."""
     self._cannot("be sampled")
+
+  def check_latent_size(self, model_config, latent_size) -> tuple[int, int]:
+    """(h, w) latent pixels a sample of this model may have (``latent_size`` None: the default)."""
+    self._cannot("take a latent size")
 
   def sample_network(self, model: nnx.Module, skip_layers: tuple[int, ...] = ()):
     """``f(x, t, cond)`` for the sampler (``skip_layers``: blocks left out, for skip-layer guidance)."""

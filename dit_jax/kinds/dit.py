@@ -76,13 +76,16 @@ class DiTKind(Kind):
     return np.arange(num) % model.config.num_classes
 
   def prepare_sample(self, cfg: DiTConfig, cond, *, method, shift, flow_convention, negative=None,
-                     skip_layer_guidance=None, latent_size=None) -> SampleSpec:
+                     skip_layer_guidance=None, latent_size=None, guidance=None, schedule=None) -> SampleSpec:
     """Labels (B,) with the null class as the unconditional branch; VP ('ddpm') by default, or a flow method in
     SiT's convention (shift 1)."""
     for name, value in (("negative", negative), ("skip_layer_guidance", skip_layer_guidance),
                         ("latent_size", latent_size)):
       if value is not None:
         raise ValueError(f"{name} is for MMDiT models; a DiT takes class labels and its fixed input size")
+    for name, value in (("guidance", guidance), ("schedule", schedule)):
+      if value is not None:
+        raise ValueError(f"{name} is for FLUX models; a DiT is guided with cfg_scale")
     if isinstance(cond, Mapping):
       raise ValueError("a DiT is conditioned on (B,) class labels, not a text-embedding mapping")
     labels = np.asarray(cond)

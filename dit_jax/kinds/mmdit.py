@@ -10,7 +10,8 @@ import ml_collections
 import numpy as np
 
 from dit_jax import data
-from dit_jax.diffusion import flow, guidance, vp
+from dit_jax.diffusion import flow, vp
+from dit_jax.diffusion.guidance import SkipLayerGuidance
 from dit_jax.convert import mmdit_tables
 from dit_jax.kinds.base import Kind, SampleSpec
 from dit_jax.models import mmdit as mmdit_model
@@ -20,17 +21,19 @@ TEXT_KEYS = ("context", "pooled")
 
 
 def check_text_cond(config: MMDiTConfig, cond, negative=None) -> tuple[dict, dict]:
-  """Validate an MMDiT condition; returns float32 (cond, uncond) dicts of context (B, L, D) and pooled (B, Dp).
+  """Validate an MMDiT (or FLUX: same field names) condition; returns float32 (cond, uncond) dicts of context
+  (B, L, D) and pooled (B, Dp).
 
   ``negative`` (same keys, 1 or B rows, same L) defaults to zeros of the cond shapes, the empty condition of
   dit_jax's MMDiT training dropout; a one-row negative is broadcast to B rows.
   """
+  family = "a FLUX model" if type(config).__name__ == "FluxConfig" else "an MMDiT"
   dims = {"context": (3, config.joint_attention_dim, "(B, L, joint_attention_dim)"),
           "pooled": (2, config.pooled_projection_dim, "(B, pooled_projection_dim)")}
 
   def arrays(m, what):
     if not isinstance(m, Mapping):
-      raise ValueError(f"an MMDiT is conditioned on text embeddings: {what} must be a mapping with keys context "
+      raise ValueError(f"{family} is conditioned on text embeddings: {what} must be a mapping with keys context "
                        f"(B, L, {config.joint_attention_dim}) and pooled (B, {config.pooled_projection_dim}), "
                        f"not {type(m).__name__} (class labels go to a DiT)")
     missing, extra = [k for k in TEXT_KEYS if k not in m], sorted(set(m) - set(TEXT_KEYS))
@@ -163,8 +166,11 @@ class MMDiTKind(Kind):
     return tokens(np.arange(num) % tokens.num_classes)
 
   def prepare_sample(self, cfg: MMDiTConfig, cond, *, method, shift, flow_convention, negative=None,
-                     skip_layer_guidance=None, latent_size=None) -> SampleSpec:
+                     skip_layer_guidance=None, latent_size=None, guidance=None, schedule=None) -> SampleSpec:
     """Text embeddings against ``negative`` (default zeros); Euler with the SD3 convention and shift 3 by default."""
+    for name, value in (("guidance", guidance), ("schedule", schedule)):
+      if value is not None:
+        raise ValueError(f"{name} is for FLUX models; an MMDiT is guided with cfg_scale")
     method = method or "euler"
     if method in vp.METHODS:
       raise ValueError(f"an MMDiT is a flow model: method {method!r} is VP-only; use one of "
@@ -172,13 +178,16 @@ class MMDiTKind(Kind):
     if flow_convention not in (None, "sd3"):
       raise ValueError(f"an MMDiT uses the sd3 flow convention, not {flow_convention!r}")
     cond, uncond = check_text_cond(cfg, cond, negative)
-    slg = guidance.SkipLayerGuidance.parse(skip_layer_guidance)
+    slg = SkipLayerGuidance.parse(skip_layer_guidance)
     if slg is not None and not all(0 <= i < cfg.num_layers for i in slg.layers):
       raise ValueError(f"skip_layer_guidance layers {list(slg.layers)} outside the model's blocks "
                        f"0..{cfg.num_layers - 1}")
     return SampleSpec(cond=cond, uncond=uncond,
                       latent_shape=(cond["context"].shape[0], *check_latent_size(cfg, latent_size), cfg.in_channels),
                       method=method, shift=3.0 if shift is None else shift, flow_convention="sd3", slg=slg)
+
+  def check_latent_size(self, cfg: MMDiTConfig, latent_size) -> tuple[int, int]:
+    return check_latent_size(cfg, latent_size)
 
   def sample_network(self, model: MMDiT, skip_layers: tuple[int, ...] = ()):
     return lambda x, t, c: model(x, t, c["context"], c["pooled"], skip_layers=skip_layers)
