@@ -131,10 +131,10 @@ def _sniff(path: pathlib.Path) -> str:
     head = f.read(16)
   if head.startswith(b"PK\x03\x04"):
     return "zip"
+  if len(head) >= 9 and head[8:9] == b"{":  # before pickle: a header length of 128 + 256k also starts with 0x80
+    return "safetensors"
   if head[:1] == b"\x80":
     return "pickle"
-  if len(head) >= 9 and head[8:9] == b"{":
-    return "safetensors"
   return "unknown"
 
 
