@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Sample from a dit_jax checkpoint: a PNG grid of chosen classes, or N samples as an ADM-evaluator .npz; for an
-MMDiT (SD3 / SD3.5), one sample per prompt (with the text encoders bundled by tools/convert_torch.py) or per row of
-precomputed text embeddings.
+MMDiT (SD3 / SD3.5) or a FLUX.1 model, one sample per prompt (with the text encoders bundled by
+tools/convert_torch.py) or per row of precomputed text embeddings.
 
   python sample.py --checkpoint ckpt/dit-xl2-256 --class-labels 207,360,387,974 --method ddpm --steps 250 \\
       --cfg-scale 4.0 --seed 0 --out grid.png
@@ -11,11 +11,14 @@ precomputed text embeddings.
   python sample.py --checkpoint ckpt/sd3.5-medium --prompts prompts.txt --batch-size 4 --out samples.npz
   python sample.py --checkpoint ckpt/sd3.5-medium --cond cond.npz --preset sd35_medium --latent-size 128,96 \
       --out grid.png                          # or --out samples.npz (arr_0 uint8 images + float32 latents)
+  python sample.py --checkpoint ckpt/flux1-schnell --cond cond.npz --preset flux_schnell --latent-size 96,170 \
+      --out grid.png                          # flux_dev: --guidance overrides the preset's 3.5
 
-MMDiT: cond.npz holds ``context`` (B, L, joint_attention_dim) and ``pooled`` (B, pooled_projection_dim), and
-optionally ``negative_context`` / ``negative_pooled`` (1 or B rows; default zeros). ``--preset`` (a name in
-configs/sampling/, NAME:FLAVOUR such as sd35_medium:diffusers, or a .py path) sets method, steps, shift, CFG and
-skip-layer guidance; explicit flags override it.
+MMDiT / FLUX: cond.npz holds ``context`` (B, L, joint_attention_dim) and ``pooled`` (B, pooled_projection_dim),
+and optionally ``negative_context`` / ``negative_pooled`` (1 or B rows; default zeros). ``--preset`` (a name in
+configs/sampling/, NAME:FLAVOUR such as sd35_medium:diffusers or flux_dev:reference, or a .py path) sets method,
+steps, shift, CFG, skip-layer guidance and (FLUX) the guidance input and schedule; explicit flags override it.
+FLUX: --cfg-scale > 1 with a negative is diffusers' true CFG (off by default).
 
 Latents are decoded through the checkpoint's bundled VAE (tools/convert_torch.py bundles a pipeline's vae/ or
 --vae SRC), or --vae DIR. Without one the model's own space is written (for 4-channel latents the PNG shows the
@@ -46,7 +49,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--class-labels", default=None, help="comma-separated class ids (default for .npz: uniform random)")
   p.add_argument("--num-samples", type=int, default=None, help="write this many samples to an .npz")
   p.add_argument("--batch-size", type=int, default=32, help="samples per batch (and per shard) for .npz")
-  p.add_argument("--cond", default=None, help="MMDiT: .npz of text embeddings (context, pooled[, negative_*])")
+  p.add_argument("--cond", default=None, help="MMDiT / FLUX: .npz of text embeddings (context, pooled[, "
+                 "negative_*])")
   p.add_argument("--prompt", action="append", default=None, help="MMDiT: a prompt (repeatable; needs bundled text "
                  "encoders)")
   p.add_argument("--prompts", default=None, help="MMDiT: a text file of prompts, one per line")
@@ -55,8 +59,14 @@ def parse_args(argv=None) -> argparse.Namespace:
                  help="prompt encoding: diffusers' StableDiffusion3Pipeline (default) or Stability's sd3_infer.py")
   p.add_argument("--max-sequence-length", type=int, default=None, help="MMDiT: T5 tokens (diffusers profile; "
                  "default 256, at most 512)")
-  p.add_argument("--latent-size", default=None, help="MMDiT: H,W in latent pixels (default: the sample size)")
-  p.add_argument("--preset", default=None, help="MMDiT sampling preset: NAME[:FLAVOUR] in configs/sampling, or a .py")
+  p.add_argument("--latent-size", default=None, help="MMDiT / FLUX: H,W in latent pixels (default: the sample size; "
+                 "FLUX 128,128)")
+  p.add_argument("--preset", default=None, help="MMDiT / FLUX sampling preset: NAME[:FLAVOUR] in configs/sampling, "
+                 "or a .py")
+  p.add_argument("--guidance", type=float, default=None, help="FLUX.1 [dev]: the distilled guidance input (default "
+                 "3.5)")
+  p.add_argument("--schedule", default=None, choices=["reference", "diffusers"],
+                 help="FLUX: BFL's get_schedule or FluxPipeline's (default: the preset's, else diffusers)")
   p.add_argument("--method", default=None, help=f"one of {', '.join(METHODS)} (default: ddpm; euler for an MMDiT)")
   p.add_argument("--steps", type=int, default=None, help=f"sampling steps (defaults: {DEFAULT_STEPS})")
   p.add_argument("--respacing", default=None, help="VP respacing: 'N', 'a,b,c' or 'ddimN' (overrides --steps)")
@@ -96,6 +106,8 @@ def check_numbers(args: argparse.Namespace) -> None:
       raise ValueError(f"--{flag.replace('_', '-')} must be a positive integer, got {value}")
   if args.shift is not None and not (math.isfinite(args.shift) and args.shift > 0):
     raise ValueError(f"--shift must be a positive number, got {args.shift:g}")
+  if args.guidance is not None and not (math.isfinite(args.guidance) and args.guidance >= 0):
+    raise ValueError(f"--guidance must be a number >= 0, got {args.guidance:g}")
   for flag in ("cfg_scale", "eta", "slg_scale"):
     value = getattr(args, flag)
     if value is not None and not (math.isfinite(value) and value >= 0):
@@ -121,7 +133,7 @@ def guidance_interval(text: str | None) -> tuple[float, float] | None:
 
 
 MMDIT_FLAGS = ("cond", "prompt", "prompts", "negative_prompt", "profile", "max_sequence_length", "latent_size", "preset",
-               "slg_layers", "slg_scale", "slg_start", "slg_stop")
+               "slg_layers", "slg_scale", "slg_start", "slg_stop", "guidance", "schedule")
 COND_KEYS = {"context": "context", "pooled": "pooled", "negative_context": "context", "negative_pooled": "pooled"}
 
 
@@ -213,19 +225,21 @@ def read_cond(path: str) -> tuple[dict, dict | None]:
   return cond, negative
 
 
-def sampling_options(args: argparse.Namespace, default_shift: float = 3.0) -> dict:
-  """Method, steps, shift, CFG and skip-layer guidance for an MMDiT: defaults (shift: a training run's own) <
-  --preset < explicit flags."""
+def sampling_options(args: argparse.Namespace, default_shift: float | None = 3.0, default_cfg: float = 4.0) -> dict:
+  """Method, steps, shift, CFG, skip-layer guidance and (FLUX) guidance input and schedule for an MMDiT or a FLUX
+  model: defaults (shift: a training run's own; FLUX: None, the kind's resolution rule) < --preset < explicit
+  flags."""
   from dit_jax.presets import load_preset
 
-  opts = dict(method="euler", steps=None, shift=default_shift, cfg_scale=4.0, skip_layer_guidance=None)
+  opts = dict(method="euler", steps=None, shift=default_shift, cfg_scale=default_cfg, skip_layer_guidance=None,
+              guidance=None, schedule=None)
   if args.preset:
     preset = load_preset(args.preset)
     opts.update({k: preset[k] for k in opts})
     if opts["skip_layer_guidance"] is not None:
       opts["skip_layer_guidance"] = opts["skip_layer_guidance"].to_dict()
   for key, value in (("method", args.method), ("steps", args.steps), ("shift", args.shift),
-                     ("cfg_scale", args.cfg_scale)):
+                     ("cfg_scale", args.cfg_scale), ("guidance", args.guidance), ("schedule", args.schedule)):
     if value is not None:
       opts[key] = value
   slg = dict(opts["skip_layer_guidance"] or {})
@@ -246,25 +260,30 @@ def sampling_options(args: argparse.Namespace, default_shift: float = 3.0) -> di
 
 
 def run_text(args: argparse.Namespace, out: pathlib.Path) -> str:
-  """A text-conditional model (MMDiT): one sample per row of --cond embeddings (or per class-token label)."""
+  """A text-conditional model (MMDiT, FLUX): one sample per prompt or per row of --cond embeddings (or per
+  class-token label)."""
   import jax
   import jax.numpy as jnp
 
   import dit_jax
   from dit_jax import sample_files
   from dit_jax.checkpoint import read_meta
-  from dit_jax.kinds.mmdit import check_latent_size, check_text_cond
+  from dit_jax import kinds
+  from dit_jax.kinds.mmdit import check_text_cond
 
   for flag, value in (("--num-samples", args.num_samples), ("--respacing", args.respacing),
                       ("--guidance-interval", args.guidance_interval)):
     if value is not None:
-      raise ValueError(f"{flag} is not for an MMDiT checkpoint (sample from prompts with --prompt or from text embeddings with --cond)")
-  if args.flow_convention not in (None, "sd3"):
-    raise ValueError("an MMDiT uses the sd3 flow convention")
+      raise ValueError(f"{flag} is not for a text-conditioned checkpoint (sample from prompts with --prompt or from "
+                       "text embeddings with --cond)")
+  kind = kinds.get(read_meta(args.checkpoint)["kind"])
+  name = "a FLUX" if kind.name == "flux" else "an MMDiT"
+  if args.flow_convention not in (None, "sd3") or (kind.name == "flux" and args.flow_convention is not None):
+    raise ValueError(f"--flow-convention is fixed for {name} checkpoint ({'flux' if kind.name == 'flux' else 'sd3'})")
   sources = [f for f, v in (("--cond", args.cond), ("--class-labels", args.class_labels), ("--prompt", args.prompt),
                              ("--prompts", args.prompts)) if v is not None]
   if len(sources) != 1:
-    raise ValueError("an MMDiT checkpoint needs --prompt TEXT / --prompts FILE, --cond cond.npz (context (B, L, D) "
+    raise ValueError(f"{name} checkpoint needs --prompt TEXT / --prompts FILE, --cond cond.npz (context (B, L, D) "
                      "and pooled (B, Dp) arrays), or --class-labels for a run trained on class tokens; give exactly "
                      f"one{' (got ' + ', '.join(sources) + ')' if sources else ''}")
   text_flags = [f"--{n.replace('_', '-')}" for n in ("negative_prompt", "profile", "max_sequence_length")
@@ -273,6 +292,9 @@ def run_text(args: argparse.Namespace, out: pathlib.Path) -> str:
     raise ValueError(f"{text_flags[0]} goes with --prompt / --prompts")
   training = read_meta(args.checkpoint).get("training", {})
   prompts = read_prompts(args)
+  if prompts is not None and kind.name == "flux":
+    raise ValueError("FLUX from prompts is not wired yet: encode the prompts (T5 context, CLIP-L pooled) and pass "
+                     "--cond cond.npz")
   if prompts is not None:
     cond, negative = None, None
   elif args.cond is not None:
@@ -280,7 +302,10 @@ def run_text(args: argparse.Namespace, out: pathlib.Path) -> str:
   else:  # a class-token run (configs/mmdit_demo.py): labels -> its fixed context / pooled tables
     from dit_jax.workdir import class_tokens_of
     cond, negative = class_tokens_of(args.checkpoint)(_ints(args.class_labels, "--class-labels")), None
-  opts = sampling_options(args, default_shift=training.get("flow_shift", 3.0))
+  if kind.name == "flux":
+    opts = sampling_options(args, default_shift=None, default_cfg=1.0)  # shift: the kind's resolution rule
+  else:
+    opts = sampling_options(args, default_shift=training.get("flow_shift", 3.0))
   dtype = jnp.bfloat16 if args.bf16 else jnp.float32
   model = dit_jax.load(args.checkpoint, dtype=dtype)
   if prompts is not None:
@@ -300,7 +325,7 @@ def run_text(args: argparse.Namespace, out: pathlib.Path) -> str:
     latent_size = tuple(int(v) for v in _ints(args.latent_size, "--latent-size"))
     if len(latent_size) != 2:
       raise ValueError(f"--latent-size takes H,W in latent pixels, got {args.latent_size!r}")
-  latent_size = check_latent_size(model.config, latent_size)
+  latent_size = kind.check_latent_size(model.config, latent_size)
   decode = _decoder(args, dtype)
   key = jax.random.key(args.seed)
   if prompts is None:

@@ -16,6 +16,7 @@ from dit_jax.diffusion.samplers import sample
 from dit_jax.presets import load_preset
 from tests.helpers import rel_err
 from tests.helpers.flux_reference import FLUX_TINY, FLUX_VARIANTS, diffusers_flux
+from tests.helpers.processes import main_in_process
 
 RESOLUTIONS = [(8, 8), (6, 10)]  # latent (h, w): square and non-square
 TEXT_LEN = 7
@@ -148,3 +149,29 @@ def test_errors(models):
              key=jax.random.key(0), **kw)
   with pytest.raises(ValueError, match="FLUX model is conditioned on text embeddings"):
     sample(dev, np.array([1]), steps=2, key=jax.random.key(0))
+
+
+def test_sample_cli_preset_and_cond(models, tmp, capsys):
+  """sample.py --preset flux_dev --cond cond.npz on a saved FLUX checkpoint: the latents dit_jax.sample gives with the
+  preset's settings (explicit --steps / --guidance override it); one-line errors for FLUX-only flags."""
+  import dit_jax
+
+  _, ours = models["dev"]
+  dit_jax.save(ours, tmp / "ckpt")
+  cond = _text(2, 6)
+  np.savez(tmp / "cond.npz", **cond)
+  args = ["--checkpoint", tmp / "ckpt", "--cond", tmp / "cond.npz", "--preset", "flux_dev:reference", "--steps", "3",
+          "--guidance", "2.0", "--latent-size", "4,6", "--seed", "2"]
+  code, err = main_in_process("sample.py", [*args, "--out", tmp / "s.npz"], capsys)
+  assert code == 0, err
+  latents = np.load(tmp / "s.npz")["latents"]
+  expected = sample(dit_jax.load(tmp / "ckpt"), cond, jax.random.fold_in(jax.random.key(2), 0), steps=3,
+                    guidance=2.0, schedule="reference", latent_size=(4, 6))
+  np.testing.assert_allclose(latents, expected, rtol=0, atol=1e-6)
+  for extra, fragment in ((["--slg-layers", "0", "--slg-scale", "1"], "for MMDiT"),
+                          (["--schedule", "bfl"], "invalid choice"),
+                          (["--guidance", "-1"], "--guidance must be"),
+                          (["--prompt", "a cat"], "give exactly one")):
+    code, err = main_in_process("sample.py", [*args, *extra, "--out", tmp / "bad.npz"], capsys)
+    assert code == 2 and fragment in err and len(err.strip().splitlines()) == 1, err
+  assert not (tmp / "bad.npz").exists()

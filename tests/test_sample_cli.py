@@ -8,8 +8,7 @@ from PIL import Image
 import dit_jax
 from dit_jax import sample_files
 from dit_jax.convert.files import convert
-from tests.helpers import REPO_ROOT as REPO
-from tests.helpers.processes import one_line_error, run_cli
+from tests.helpers.processes import main_in_process, one_line_error, run_cli
 from tests.helpers.reference import diffusers_dit
 
 
@@ -155,13 +154,7 @@ MMDIT = dict(sample_size=8, patch_size=2, in_channels=16, num_layers=2, attentio
 
 
 def _sample_main(argv, capsys) -> tuple[int, str]:
-  import importlib.util
-
-  spec = importlib.util.spec_from_file_location("sample_cli", REPO / "sample.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  code = module.main([str(a) for a in argv])
-  return code, capsys.readouterr().err
+  return main_in_process("sample.py", argv, capsys)
 
 
 @pytest.fixture(scope="module")
