@@ -20,15 +20,16 @@ def default_config() -> ml_collections.ConfigDict:
   c.grad_accum_steps = 1
 
   # Model: kind, a registered model kind (dit_jax.kinds): 'dit' (class-conditional DiT: a named config such as
-  # 'DiT-XL/2' plus overrides, or name '' and every field below) or 'mmdit' (SD3-style MMDiT: the fields of
-  # c.mmdit, conditioned on context / pooled). A kind with a section of its own adds it below (Kind.train_section).
+  # 'DiT-XL/2' plus overrides, or name '' and every field below), 'mmdit' (SD3-style MMDiT: the fields of
+  # c.mmdit, conditioned on context / pooled) or 'flux' (FLUX.1: c.flux). A kind with a section of its own adds it
+  # below (Kind.train_section).
   c.model = ml_collections.ConfigDict(dict(
       kind="dit", name="DiT-XL/2", input_size=32, in_channels=4, num_classes=1000, learn_sigma=True,
       class_dropout_prob=0.1, hidden_size=0, depth=0, num_heads=0, patch_size=0, mlp_ratio=4.0))
   for kind in kinds.KINDS.values():
     if kind.train_section:
       c[kind.train_section] = kind.train_defaults()
-  c.cond_dropout_prob = 0.1  # MMDiT: each example's context and pooled are zeroed with this probability
+  c.cond_dropout_prob = 0.1  # MMDiT, FLUX: each example's context and pooled are zeroed with this probability
   c.compute_dtype = "float32"  # or 'bfloat16' (parameters stay float32)
   c.attention_impl = "auto"
   c.remat = "none"  # none | full | dots
@@ -37,8 +38,10 @@ def default_config() -> ml_collections.ConfigDict:
   # Objective: 'vp' (IDDPM hybrid loss, learn_sigma) or 'flow' (rectified flow, velocity MSE; MMDiT: flow with
   # convention 'sd3', i.e. x = (1 - s) x0 + s noise, target noise - x0, model time 1000 s).
   c.objective = "vp"
+  # resolution_shift: shift the sampled sigmas by e^mu instead of flow.shift, mu linear in the latent's 2x2-patch
+  # tokens N = H W / 4 from base_shift at 256 tokens to max_shift at 4096 (FLUX.1's dynamic shift, as its sampler).
   c.flow = ml_collections.ConfigDict(dict(t_sampler="uniform", loc=0.0, scale=1.0, mode_scale=1.29, shift=1.0,
-                                          convention="sit"))
+                                          convention="sit", resolution_shift=False, base_shift=0.5, max_shift=1.15))
 
   c.optimizer = ml_collections.ConfigDict(dict(
       lr=1e-4, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, warmup_steps=0, schedule="constant", min_lr=0.0,
@@ -88,6 +91,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
        "global_batch_size must be divisible by grad_accum_steps"),
       (config.optimizer.schedule in ("constant", "cosine"), f"optimizer.schedule {config.optimizer.schedule!r}"),
       (0.0 <= config.ema_decay < 1.0, f"ema_decay {config.ema_decay} is not in [0, 1)"),
+      (not config.flow.resolution_shift or config.flow.shift == 1.0,
+       f"flow.resolution_shift replaces flow.shift; leave flow.shift at 1.0, not {config.flow.shift}"),
   ]
   check_all(checks, "invalid config")
   check_all(kind.train_checks(config), "invalid config")

@@ -3,10 +3,11 @@ noise to the batch's mean loss.
 
   vp:   the IDDPM hybrid loss (eps MSE + the variational bound of the learned variance), t ~ U{0..999}.
   flow: rectified flow, x_s = (1 - s) x0 + s noise, velocity MSE against noise - x0, s from ``config.flow``
-        (t-sampler, shift) in the model's own time convention (``flow.CONVENTIONS``).
+        (t-sampler, shift or FLUX's resolution_shift) in the model's own time convention (``flow.CONVENTIONS``).
 """
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import jax
@@ -27,14 +28,24 @@ def vp_loss(config: ml_collections.ConfigDict, net: NetFn, x0: jax.Array, noise:
   return diffusion.training_losses(net, x0, t, noise)["loss"].mean()
 
 
+def resolution_shift(config: ml_collections.ConfigDict, shape: tuple[int, ...]) -> float:
+  """FLUX.1's resolution-dependent shift e^mu of (B, H, W, C) latents: mu linear in the N = H W / 4 tokens of 2x2
+  patches (``flow.dynamic_shift_mu`` with ``config.flow`` base_shift / max_shift; 0.5 / 1.15 give e^1.15 = 3.16 at
+  1024 px)."""
+  f = config.flow
+  tokens = shape[1] * shape[2] // 4
+  return math.exp(flow.dynamic_shift_mu(tokens, base_shift=f.base_shift, max_shift=f.max_shift))
+
+
 def flow_loss(config: ml_collections.ConfigDict, net: NetFn, x0: jax.Array, noise: jax.Array,
               key: jax.Array) -> jax.Array:
   """Velocity MSE on the rectified-flow path; extra output channels (a learned sigma) are ignored."""
   f = config.flow
   conv = flow.CONVENTIONS[f.convention]
   sigma = flow.sample_sigmas(key, (x0.shape[0],), f.t_sampler, f.loc, f.scale, f.mode_scale)
-  if f.shift != 1.0:
-    sigma = flow.shift_sigmas(sigma, f.shift)
+  shift = resolution_shift(config, x0.shape) if f.resolution_shift else f.shift
+  if shift != 1.0:
+    sigma = flow.shift_sigmas(sigma, shift)
   pred = conv.to_sd3_velocity(net(flow.interpolate(x0, noise, sigma), conv.model_time(sigma))[..., :x0.shape[-1]])
   return jnp.mean((pred - flow.velocity_target(x0, noise)) ** 2)
 
