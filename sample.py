@@ -13,12 +13,15 @@ tools/convert_torch.py) or per row of precomputed text embeddings.
       --out grid.png                          # or --out samples.npz (arr_0 uint8 images + float32 latents)
   python sample.py --checkpoint ckpt/flux1-schnell --cond cond.npz --preset flux_schnell --latent-size 96,170 \
       --out grid.png                          # flux_dev: --guidance overrides the preset's 3.5
+  python sample.py --checkpoint ckpt/flux1-schnell --prompt "a corgi in a spacesuit" --preset flux_schnell \
+      --max-sequence-length 256 --out a.png   # BFL runs schnell with 256 T5 tokens; default 512 (FluxPipeline)
 
 MMDiT / FLUX: cond.npz holds ``context`` (B, L, joint_attention_dim) and ``pooled`` (B, pooled_projection_dim),
 and optionally ``negative_context`` / ``negative_pooled`` (1 or B rows; default zeros). ``--preset`` (a name in
 configs/sampling/, NAME:FLAVOUR such as sd35_medium:diffusers or flux_dev:reference, or a .py path) sets method,
 steps, shift, CFG, skip-layer guidance and (FLUX) the guidance input and schedule; explicit flags override it.
-FLUX: --cfg-scale > 1 with a negative is diffusers' true CFG (off by default).
+FLUX: --cfg-scale > 1 with a negative is diffusers' true CFG (off by default; from prompts the negative prompt is
+encoded only then, default "").
 
 Latents are decoded through the checkpoint's bundled VAE (tools/convert_torch.py bundles a pipeline's vae/ or
 --vae SRC), or --vae DIR. Without one the model's own space is written (for 4-channel latents the PNG shows the
@@ -51,14 +54,17 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--batch-size", type=int, default=32, help="samples per batch (and per shard) for .npz")
   p.add_argument("--cond", default=None, help="MMDiT / FLUX: .npz of text embeddings (context, pooled[, "
                  "negative_*])")
-  p.add_argument("--prompt", action="append", default=None, help="MMDiT: a prompt (repeatable; needs bundled text "
-                 "encoders)")
-  p.add_argument("--prompts", default=None, help="MMDiT: a text file of prompts, one per line")
-  p.add_argument("--negative-prompt", default=None, help="MMDiT: the negative prompt (default empty)")
+  p.add_argument("--prompt", action="append", default=None, help="MMDiT / FLUX: a prompt (repeatable; needs "
+                 "bundled text encoders)")
+  p.add_argument("--prompts", default=None, help="MMDiT / FLUX: a text file of prompts, one per "
+                 "line")
+  p.add_argument("--negative-prompt", default=None, help="MMDiT / FLUX: the negative prompt (default "
+                 "empty; FLUX: used with --cfg-scale > 1 only)")
   p.add_argument("--profile", default=None, choices=["diffusers", "sd35_reference"],
-                 help="prompt encoding: diffusers' StableDiffusion3Pipeline (default) or Stability's sd3_infer.py")
-  p.add_argument("--max-sequence-length", type=int, default=None, help="MMDiT: T5 tokens (diffusers profile; "
-                 "default 256, at most 512)")
+                 help="MMDiT prompt encoding: diffusers' StableDiffusion3Pipeline (default) or Stability's "
+                      "sd3_infer.py")
+  p.add_argument("--max-sequence-length", type=int, default=None, help="MMDiT / FLUX: T5 tokens (MMDiT: "
+                 "diffusers profile, default 256; FLUX: default 512; at most 512)")
   p.add_argument("--latent-size", default=None, help="MMDiT / FLUX: H,W in latent pixels (default: the sample size; "
                  "FLUX 128,128)")
   p.add_argument("--preset", default=None, help="MMDiT / FLUX sampling preset: NAME[:FLAVOUR] in configs/sampling, "
@@ -292,9 +298,8 @@ def run_text(args: argparse.Namespace, out: pathlib.Path) -> str:
     raise ValueError(f"{text_flags[0]} goes with --prompt / --prompts")
   training = read_meta(args.checkpoint).get("training", {})
   prompts = read_prompts(args)
-  if prompts is not None and kind.name == "flux":
-    raise ValueError("FLUX from prompts is not wired yet: encode the prompts (T5 context, CLIP-L pooled) and pass "
-                     "--cond cond.npz")
+  if prompts is not None and kind.name == "flux" and args.profile is not None:
+    raise ValueError("--profile is for MMDiT checkpoints: FLUX encodes prompts as FluxPipeline does")
   if prompts is not None:
     cond, negative = None, None
   elif args.cond is not None:
@@ -310,11 +315,13 @@ def run_text(args: argparse.Namespace, out: pathlib.Path) -> str:
   model = dit_jax.load(args.checkpoint, dtype=dtype)
   if prompts is not None:
     from dit_jax.text import tokenizers
+    family = "flux" if kind.name == "flux" else "sd3"
+    length = args.max_sequence_length
     text_options = dict(profile=args.profile or "diffusers",
-                        max_sequence_length=256 if args.max_sequence_length is None else args.max_sequence_length)
+                        max_sequence_length=(512 if family == "flux" else 256) if length is None else length)
     tokenizers.check_profile(**text_options)
     encoders = dit_jax.load_text_encoders(args.checkpoint)
-    encoders.check_fits(model.config.joint_attention_dim, model.config.pooled_projection_dim)
+    encoders.check_fits(model.config.joint_attention_dim, model.config.pooled_projection_dim, family)
   else:
     try:
       check_text_cond(model.config, cond, negative)

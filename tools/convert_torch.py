@@ -77,11 +77,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                  help="number of classes; equal to the label-table rows for a model trained without label dropout "
                       "(default: rows - 1, the last row being the null class)")
   p.add_argument("--text-encoders", default=None,
-                 help="an SD3 model's text encoders: a folder with Stability's clip_l.safetensors, clip_g.safetensors "
-                      "and t5xxl*.safetensors (or a pipeline folder); default: the source's own")
+                 help="an SD3 / FLUX model's text encoders: a folder with Stability's / ComfyUI's clip_l.safetensors, "
+                      "clip_g.safetensors (SD3) and t5xxl*.safetensors (or a pipeline folder); default: the source's "
+                      "own")
   p.add_argument("--tokenizers", default=None,
                  help="a folder with the tokenizers' files (tokenizer/, tokenizer_2/, tokenizer_3/ as a diffusers SD3 "
-                      "folder has them) when the source has none")
+                      "or FluxPipeline folder has them) when the source has none")
   p.add_argument("--no-text-encoders", action="store_true",
                  help="do not bundle a pipeline folder's text_encoder*/ or a single file's text_encoders.*")
   p.add_argument("--axes-dims-rope", type=_int_list, default=None, metavar="A,B,C",

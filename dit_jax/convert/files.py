@@ -175,18 +175,23 @@ def _convert_mmdit(src, source: Source, parts: tuple[dict, dict, int], out_dir, 
 
 def _convert_flux(src, source: Source, parts: tuple[dict, dict, int], out_dir, *, layout: str,
                   axes_dims_rope, vae, bundle_vae: bool, vae_preset: str | None, overwrite: bool,
-                  allow_nonfinite: bool):
+                  allow_nonfinite: bool, text: dict | None):
   """A FLUX.1 transformer (BFL single file, with or without ComfyUI's prefix; diffusers folder / file; FluxPipeline
   folder) and its VAE (``--vae`` such as BFL's ``ae.safetensors``, a pipeline folder's ``vae/`` or a ComfyUI
-  checkpoint's ``first_stage_model.*``; a 16-channel VAE without recorded scales gets the 'flux' preset)."""
+  checkpoint's ``first_stage_model.*``; a 16-channel VAE without recorded scales gets the 'flux' preset) and its
+  text encoders, CLIP-L and T5 (``text``: plan_text_encoders' options, or None to leave them out)."""
   tensors, file_vae, ignored = parts
   found = flux_tables.detect_layout(tensors)
   if layout not in ("auto", found) and not (layout == "original" and found == flux_tables.ORIGINAL_LAYOUT):
     raise ConversionError(f"{src} is a FLUX transformer in the {found} layout, not {layout}")
-  if ignored:
+  cfg = flux_tables.infer_config(tensors, found, source.diffusers_config, axes_dims_rope=axes_dims_rope)
+  plans = {} if text is None else text_files.plan_text_encoders(src, source.tensors, allow_nonfinite=allow_nonfinite,
+                                                                family="flux", **text)
+  if plans:
+    text_files.check_widths(plans, cfg.joint_attention_dim, cfg.pooled_projection_dim, family="flux")
+  elif ignored:
     logger.info("leaving out %d text-encoder tensors (%s) in %s", ignored,
                 ", ".join(f"{p}*" for p in flux_tables.TEXT_ENCODER_PREFIXES), src)
-  cfg = flux_tables.infer_config(tensors, found, source.diffusers_config, axes_dims_rope=axes_dims_rope)
   model = flux_tables.to_model(tensors, cfg, found, allow_nonfinite=allow_nonfinite)
   vae_model, vae_meta = (_bundled_vae(src, vae, file_vae, vae_preset, default_16ch="flux",
                                       latent_channels=cfg.out_channels // 4, what="FLUX transformer",
@@ -194,7 +199,8 @@ def _convert_flux(src, source: Source, parts: tuple[dict, dict, int], out_dir, *
   if vae_model is None:
     _no_vae(vae_preset, "FLUX transformer")
   checkpoint.save(model, out_dir, overwrite=overwrite, extra=_source_meta(src, tensors, source.description, found),
-                  vae=vae_model, vae_extra=vae_meta)
+                  vae=vae_model, vae_extra=vae_meta,
+                  bundle=(lambda tmp: text_files.write_text_encoders(plans, tmp)) if plans else None)
   return cfg
 
 
@@ -248,12 +254,12 @@ def convert(src: str | os.PathLike, out_dir: str | os.PathLike, *, layout: str =
       16-channel VAE bundled with an MMDiT defaults to 'sd3', with FLUX to 'flux'); an error when no VAE is
       converted.
     allow_nonfinite: convert NaN / Inf weights instead of refusing them.
-    text_encoders: an MMDiT's text encoders from Stability's files (``clip_l.safetensors``, ``clip_g.safetensors``,
-      ``t5xxl_fp16.safetensors``) or a pipeline folder; by default a pipeline folder's ``text_encoder*/`` or a
-      single file's ``text_encoders.*`` are bundled (``<out_dir>/text_encoders``; ``bundle_text_encoders=False``
+    text_encoders: an MMDiT's or FLUX transformer's text encoders from Stability's / ComfyUI's files
+      (``clip_l.safetensors``, ``clip_g.safetensors`` (SD3), ``t5xxl_fp16.safetensors``) or a pipeline folder; by
+      default a pipeline folder's ``text_encoder*/`` or a single file's ``text_encoders.*`` are bundled (``<out_dir>/text_encoders``; ``bundle_text_encoders=False``
       to skip). A CLIP or T5 file on its own converts to a ``clip_text`` / ``t5_encoder`` checkpoint.
-    tokenizers: a folder with the tokenizers' files (``tokenizer/``, ``tokenizer_2/``, ``tokenizer_3/``) when the
-      source has none.
+    tokenizers: a folder with the tokenizers' files (``tokenizer/``, ``tokenizer_2/``, ``tokenizer_3/`` as the SD3
+      or FLUX pipeline names them) when the source has none.
     axes_dims_rope: a FLUX transformer's rotary widths per position axis when neither a config.json nor FLUX.1's
       128-wide heads (16, 56, 56) give them.
   """
@@ -265,12 +271,14 @@ def convert(src: str | os.PathLike, out_dir: str | os.PathLike, *, layout: str =
                   allow_nonfinite=allow_nonfinite)
   flux_parts = flux_tables.select_flux(source.tensors)
   if flux_parts is not None:
-    given = [n for n, v in (("num_heads", num_heads), ("input_size", input_size), ("num_classes", num_classes),
-                            ("text_encoders", text_encoders), ("tokenizers", tokenizers)) if v is not None]
+    given = [n for n, v in (("num_heads", num_heads), ("input_size", input_size), ("num_classes", num_classes))
+             if v is not None]
     if given:
       raise ConversionError(f"{', '.join(given)} do not apply to a FLUX transformer (its config comes from the "
-                            "weights; text encoders are not bundled with FLUX)")
-    return _convert_flux(src, source, flux_parts, out_dir, layout=layout, axes_dims_rope=axes_dims_rope, **bundling)
+                            "weights)")
+    text = dict(text_encoders=text_encoders, tokenizers=tokenizers) if bundle_text_encoders else None
+    return _convert_flux(src, source, flux_parts, out_dir, layout=layout, axes_dims_rope=axes_dims_rope, text=text,
+                         **bundling)
   if axes_dims_rope is not None:
     raise ConversionError(f"{src} is not a FLUX transformer: axes_dims_rope applies to FLUX only")
   if layout == "bfl":
@@ -284,7 +292,8 @@ def convert(src: str | os.PathLike, out_dir: str | os.PathLike, *, layout: str =
     return _convert_mmdit(src, source, mmdit_parts, out_dir, layout=layout, num_heads=num_heads,
                           input_size=input_size, text=text, **bundling)
   if text_encoders is not None or tokenizers is not None:
-    raise ConversionError(f"{src} is not an MMDiT: --text-encoders / --tokenizers bundle an SD3 model's encoders")
+    raise ConversionError(f"{src} is not an MMDiT or a FLUX transformer: --text-encoders / --tokenizers bundle an "
+                          "SD3 or FLUX model's encoders")
   if layout == "stability":
     raise ConversionError(f"{src} is not an MMDiT (no context_embedder.weight + joint_blocks.* / "
                           "transformer_blocks.*): the stability layout applies to MMDiT checkpoints only")

@@ -1,15 +1,18 @@
-"""SD3's text encoders from the files a user has -> ``<model>/text_encoders/{clip_l,clip_g,t5xxl}`` bundled beside
-the MMDiT (each a dit_jax checkpoint with its tokenizer's files in ``tokenizer/``).
+"""SD3's or FLUX.1's text encoders from the files a user has -> ``<model>/text_encoders/{clip_l,clip_g,t5xxl}``
+(FLUX: ``{clip_l,t5xxl}``) bundled beside the MMDiT / FLUX transformer (each a dit_jax checkpoint with its
+tokenizer's files in ``tokenizer/``).
 
 Where each encoder comes from, first found wins:
 
-    --text-encoders DIR   Stability's files clip_l.safetensors, clip_g.safetensors, t5xxl*.safetensors (or a pipeline
-                          folder); clip_g may be OpenCLIP's native layout (open_clip_pytorch_model.*)
-    pipeline folder       text_encoder/ (CLIP-L), text_encoder_2/ (CLIP-G), text_encoder_3/ (T5), transformers folders
-    SD3 single file       text_encoders.{clip_l,clip_g,t5xxl}.transformer.*
+    --text-encoders DIR   Stability's / ComfyUI's files clip_l.safetensors, clip_g.safetensors (SD3),
+                          t5xxl*.safetensors (or a pipeline folder); clip_g may be OpenCLIP's native layout
+                          (open_clip_pytorch_model.*)
+    pipeline folder       SD3: text_encoder/ (CLIP-L), text_encoder_2/ (CLIP-G), text_encoder_3/ (T5); FluxPipeline:
+                          text_encoder/ (CLIP-L), text_encoder_2/ (T5); transformers folders
+    single file           text_encoders.{clip_l,clip_g,t5xxl}.transformer.* (SD3, ComfyUI FLUX checkpoints)
 
-Tokenizers: ``--tokenizers DIR`` (a pipeline folder, or one with tokenizer/, tokenizer_2/, tokenizer_3/), else the
-pipeline folder's own. Everything is checked (layouts, configs, widths against the MMDiT, tokenizer files) before
+Tokenizers: ``--tokenizers DIR`` (a pipeline folder, or one with tokenizer/, tokenizer_2/[, tokenizer_3/] as the
+family's pipeline names them, or clip_l/, t5xxl/ ...), else the pipeline folder's own. Everything is checked (layouts, configs, widths against the MMDiT, tokenizer files) before
 the first tensor is converted; the encoders are then converted and written one at a time, so peak memory is one
 encoder plus one source tensor.
 """
@@ -35,6 +38,11 @@ ENCODERS = {
     "clip_g": ("text_encoder_2", "tokenizer_2", "text_encoders.clip_g.transformer.", "clip_g*.safetensors"),
     "t5xxl": ("text_encoder_3", "tokenizer_3", "text_encoders.t5xxl.transformer.", "t5xxl*.safetensors"),
 }
+# FluxPipeline: CLIP-L (CLIPTextModel) + T5 (T5EncoderModel) under text_encoder/ and text_encoder_2/
+FLUX_ENCODERS = {"clip_l": ENCODERS["clip_l"],
+                 "t5xxl": ("text_encoder_2", "tokenizer_2", *ENCODERS["t5xxl"][2:])}
+FAMILIES = {"sd3": (ENCODERS, ("clip_l", "clip_g"), "SD3 needs both CLIPs (T5 is optional)"),
+            "flux": (FLUX_ENCODERS, ("clip_l", "t5xxl"), "FLUX needs CLIP-L and T5")}
 OPENCLIP_FILES = ("open_clip_pytorch_model.safetensors", "open_clip_model.safetensors", "open_clip_pytorch_model.bin")
 
 
@@ -74,9 +82,10 @@ def _read_file(path: pathlib.Path) -> Source:
   return read_torch_file(path)
 
 
-def _source(name: str, src: pathlib.Path, file_tensors: dict, text_encoders: pathlib.Path | None) -> Source | None:
+def _source(name: str, src: pathlib.Path, file_tensors: dict, text_encoders: pathlib.Path | None,
+            table: dict = ENCODERS) -> Source | None:
   """The tensors of encoder ``name`` (prefixes stripped), or None when no source has it."""
-  subfolder, _, prefix, _ = ENCODERS[name]
+  subfolder, _, prefix, _ = table[name]
   if text_encoders is not None:
     if (text_encoders / subfolder).is_dir():
       return read_model_folder(text_encoders / subfolder)
@@ -89,13 +98,14 @@ def _source(name: str, src: pathlib.Path, file_tensors: dict, text_encoders: pat
   return Source(picked, f"{src} ({prefix}*)") if picked else None
 
 
-def _tokenizer(name: str, src: pathlib.Path, tokenizers: pathlib.Path | None):
-  sub = ENCODERS[name][1]
+def _tokenizer(name: str, src: pathlib.Path, tokenizers: pathlib.Path | None, table: dict = ENCODERS):
+  sub = table[name][1]
   folders = [f for f in ((tokenizers / sub) if tokenizers else None, (tokenizers / name) if tokenizers else None,
                          (src / sub) if src.is_dir() else None) if f is not None and f.is_dir()]
   if not folders:
-    raise ConversionError(f"no tokenizer for {name}: give --tokenizers DIR holding {sub}/ (a diffusers SD3 "
-                          "folder's tokenizer/, tokenizer_2/, tokenizer_3/)")
+    pipeline = "FluxPipeline folder's tokenizer/, tokenizer_2/" if table is FLUX_ENCODERS else \
+        "diffusers SD3 folder's tokenizer/, tokenizer_2/, tokenizer_3/"
+    raise ConversionError(f"no tokenizer for {name}: give --tokenizers DIR holding {sub}/ (a {pipeline})")
   try:
     return (tok.T5Tokenizer if name == "t5xxl" else tok.CLIPTokenizer).from_dir(folders[0])
   except tok.TokenizerError as e:
@@ -130,8 +140,19 @@ def plan_single(src, source: Source, allow_nonfinite: bool = False) -> Planned |
   return _plan("clip", source, None, allow_nonfinite)
 
 
-def check_widths(plans: dict[str, Planned], joint_attention_dim: int, pooled_projection_dim: int) -> None:
-  """One-line ConversionError when the encoders cannot condition an MMDiT of these widths."""
+def check_widths(plans: dict[str, Planned], joint_attention_dim: int, pooled_projection_dim: int,
+                 family: str = "sd3") -> None:
+  """One-line ConversionError when the encoders cannot condition an MMDiT (family 'sd3') or a FLUX transformer
+  ('flux': T5 width = joint_attention_dim, CLIP-L width = pooled_projection_dim) of these widths."""
+  if family == "flux":
+    width, pooled = plans["t5xxl"].config.d_model, plans["clip_l"].config.hidden_size
+    if width != joint_attention_dim:
+      raise ConversionError(f"T5's width {width} does not fit the FLUX transformer's joint_attention_dim "
+                            f"{joint_attention_dim}")
+    if pooled != pooled_projection_dim:
+      raise ConversionError(f"CLIP-L's width {pooled} does not fit the FLUX transformer's pooled_projection_dim "
+                            f"{pooled_projection_dim}")
+    return
   l, g = plans["clip_l"].config, plans["clip_g"].config
   clip = l.hidden_size + g.hidden_size
   pooled = l.hidden_size + (g.projection_dim or g.hidden_size)
@@ -146,9 +167,11 @@ def check_widths(plans: dict[str, Planned], joint_attention_dim: int, pooled_pro
                           f"is {pooled_projection_dim}")
 
 
-def plan_text_encoders(src, file_tensors: dict, *, text_encoders=None, tokenizers=None,
-                       allow_nonfinite: bool = False) -> dict[str, Planned]:
-  """Find and check SD3's text encoders; {} when the source has none (and none were given)."""
+def plan_text_encoders(src, file_tensors: dict, *, text_encoders=None, tokenizers=None, allow_nonfinite: bool = False,
+                       family: str = "sd3") -> dict[str, Planned]:
+  """Find and check SD3's (``family`` 'sd3') or FLUX.1's ('flux') text encoders; {} when the source has none (and
+  none were given)."""
+  table, required, why = FAMILIES[family]
   src = pathlib.Path(src)
   extra = pathlib.Path(text_encoders) if text_encoders is not None else None
   if extra is not None and not extra.is_dir():
@@ -156,18 +179,18 @@ def plan_text_encoders(src, file_tensors: dict, *, text_encoders=None, tokenizer
   tokenizers = pathlib.Path(tokenizers) if tokenizers is not None else None
   if tokenizers is not None and not tokenizers.is_dir():
     raise ConversionError(f"--tokenizers {tokenizers} is not a directory")
-  sources = {name: _source(name, src, file_tensors, extra) for name in ENCODERS}
+  sources = {name: _source(name, src, file_tensors, extra, table) for name in table}
   found = [n for n, s in sources.items() if s is not None]
   if not found:
     if extra is not None:
-      raise ConversionError(f"--text-encoders {extra} holds none of clip_l*.safetensors, clip_g*.safetensors, "
-                            "t5xxl*.safetensors, text_encoder*/")
+      raise ConversionError(f"--text-encoders {extra} holds none of "
+                            f"{', '.join(spec[3] for spec in table.values())}, text_encoder*/")
     return {}
-  missing = [n for n in ("clip_l", "clip_g") if sources[n] is None]
+  missing = [n for n in required if sources[n] is None]
   if missing:
-    raise ConversionError(f"found {', '.join(found)} but not {', '.join(missing)}: SD3 needs both CLIPs (T5 is "
-                          "optional); give them with --text-encoders DIR")
-  return {n: _plan(n, sources[n], _tokenizer(n, src, tokenizers), allow_nonfinite) for n in found}
+    raise ConversionError(f"found {', '.join(found)} but not {', '.join(missing)}: {why}; give them with "
+                          "--text-encoders DIR")
+  return {n: _plan(n, sources[n], _tokenizer(n, src, tokenizers, table), allow_nonfinite) for n in found}
 
 
 def write_text_encoders(plans: dict[str, Planned], model_dir: pathlib.Path) -> None:
@@ -190,5 +213,5 @@ def describe(plans: dict[str, Planned]) -> str:
   return " + text encoders " + ", ".join(parts)
 
 
-__all__ = ["ENCODERS", "Planned", "check_widths", "describe", "plan_single", "plan_text_encoders",
+__all__ = ["ENCODERS", "FAMILIES", "FLUX_ENCODERS", "Planned", "check_widths", "describe", "plan_single", "plan_text_encoders",
            "write_text_encoders"]

@@ -185,7 +185,7 @@ def sample(model: nnx.Module, cond, key: jax.Array | None = None, *, method: str
            latent_size: tuple[int, int] | None = None, noise: jax.Array | None = None,
            step_noise: jax.Array | None = None, respacing: str | None = None, eta: float = 0.0,
            shift: float | None = None, flow_convention: str | None = None, mesh: jax.sharding.Mesh | None = None,
-           lower: bool = False, encoders=None, profile: str = "diffusers", max_sequence_length: int = 256,
+           lower: bool = False, encoders=None, profile: str = "diffusers", max_sequence_length: int | None = None,
            clip_skip: int | None = None, guidance: float | None = None, schedule: str | None = None) -> jax.Array:
   """Sample latents from a DiT (class labels), an MMDiT or a FLUX model (text embeddings); the whole loop runs
   in one jax.jit.
@@ -193,7 +193,7 @@ def sample(model: nnx.Module, cond, key: jax.Array | None = None, *, method: str
   Args:
     model: a DiT, an MMDiT or a FLUX model (``dit_jax.load``).
     cond: DiT: (B,) int class ids (``model.config.num_classes`` = the null class). MMDiT / FLUX: {"context": (B,
-      L, joint_attention_dim), "pooled": (B, pooled_projection_dim)}, or (MMDiT) prompt strings with ``encoders``.
+      L, joint_attention_dim), "pooled": (B, pooled_projection_dim)}, or prompt strings with ``encoders``.
     key: PRNG key for the initial latent and per-step noise (not needed when both are given).
     method: 'ddpm' | 'ddim' (VP, eps models; DiT only) or 'euler' | 'heun' | 'dpmpp_2m' | 'dpmpp_2m_sd35' | 'sde'
       (flow; schedules in :func:`flow_schedule`). Default: 'ddpm' for a DiT, 'euler' for an MMDiT.
@@ -214,9 +214,10 @@ def sample(model: nnx.Module, cond, key: jax.Array | None = None, *, method: str
     mesh: shard the batch over every axis of this mesh (parameters replicated).
     lower: return the loop lowered for ``mesh`` (a ``jax.stages.Lowered``; the model may be abstract, the mesh's
       devices compile-only, as ``tools/plan.py --sample`` uses it) instead of running it.
-    encoders, profile, max_sequence_length, clip_skip: MMDiT from prompts: ``cond`` (and ``negative``, default
-      "" as diffusers) are strings encoded by :func:`dit_jax.encode_prompt` with these text encoders
-      (:func:`dit_jax.load_text_encoders`).
+    encoders, profile, max_sequence_length, clip_skip: MMDiT / FLUX from prompts: ``cond`` (and ``negative``) are
+      strings encoded by :func:`dit_jax.encode_prompt` with these text encoders (:func:`dit_jax.load_text_encoders`);
+      T5 tokens default to 256 (MMDiT) / 512 (FLUX). MMDiT: negative default "". FLUX (profile and clip_skip do not
+      apply): the negative prompt is encoded only when cfg_scale > 1 (true CFG), default "" then.
     guidance: FLUX.1 [dev]-like models: the distilled guidance scale fed to the model (default 3.5).
     schedule: FLUX: 'diffusers' (FluxPipeline, default) or 'reference' (BFL ``get_schedule``); shifted by the
       resolution's mu for guidance-distilled models, unshifted otherwise, a constant ``shift`` if given.
@@ -227,7 +228,7 @@ def sample(model: nnx.Module, cond, key: jax.Array | None = None, *, method: str
     raise ValueError("lower=True needs a mesh")
   if isinstance(cond, str) or (isinstance(cond, (list, tuple)) and cond and isinstance(cond[0], str)):
     from dit_jax.text.conditioning import prompt_cond
-    cond, negative = prompt_cond(model.config, encoders, cond, negative, profile=profile,
+    cond, negative = prompt_cond(model.config, encoders, cond, negative, cfg_scale=cfg_scale, profile=profile,
                                  max_sequence_length=max_sequence_length, clip_skip=clip_skip)
   spec = kinds.of(model).prepare_sample(model.config, cond, method=method, shift=shift,
                                         flow_convention=flow_convention, negative=negative,
