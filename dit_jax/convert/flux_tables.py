@@ -157,7 +157,7 @@ def strip_prefix(tensors: dict) -> dict:
   return {k[len(COMFY_PREFIX):]: v for k, v in tensors.items() if k.startswith(COMFY_PREFIX)}
 
 
-# Other parts of a ComfyUI checkpoint next to its model.diffusion_model.*: the VAE (bundled) and text encoders (left out).
+# Other parts of a ComfyUI checkpoint next to its model.diffusion_model.*: the VAE (bundled), text encoders.
 VAE_PREFIX = "first_stage_model."
 TEXT_ENCODER_PREFIXES = ("text_encoders.", "cond_stage_model.", "conditioner.")
 
