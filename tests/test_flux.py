@@ -218,8 +218,8 @@ def test_kind_and_checkpoint_round_trip(converted, tmp_path):
   assert "FLUX double=2 single=2" in kind.describe(ours.config)
   batch = {"image": np.zeros((1, 8, 8, 4)), "context": np.zeros((1, 5, 24))}
   assert kind.flops(ours.config, batch) > 0
-  assert "model kind 'flux' cannot be sampled" in _error(kind.prepare_sample, ours.config, None, method=None,
-                                                         shift=None, flow_convention=None)
+  assert "FLUX model is conditioned on text embeddings" in _error(kind.prepare_sample, ours.config, None,
+                                                                  method=None, shift=None, flow_convention=None)
   saved = dit_jax.save(ours, tmp_path / "flux")
   again = dit_jax.load(saved)
   assert isinstance(again, Flux) and again.config == ours.config
