@@ -81,7 +81,8 @@ def test_encode_prompt_matches_pipeline(pipeline, converted, length):
 
 @pytest.mark.parametrize("true_cfg", [1.0, 2.5], ids=["no_cfg", "true_cfg"])
 def test_prompt_sampler_matches_pipeline(pipeline, converted, true_cfg):
-  """flux_schnell from prompts (512 T5 tokens, FluxPipeline's default) against pipe(prompt=..., latents=...)."""
+  """flux_schnell from prompts against pipe(prompt=..., latents=...): FluxPipeline's default 512 T5 tokens, and
+  true CFG with negative prompts at 128."""
   from diffusers import FluxPipeline
 
   _, pipe = pipeline
@@ -89,7 +90,7 @@ def test_prompt_sampler_matches_pipeline(pipeline, converted, true_cfg):
   b, (h, w) = len(PROMPTS), LATENT
   x_T = np.random.default_rng(5).standard_normal((b, h, w, 4)).astype(np.float32)
   packed = FluxPipeline._pack_latents(torch.from_numpy(x_T.transpose(0, 3, 1, 2).copy()), b, 4, h, w)
-  neg = dict(negative_prompt=NEGATIVE, true_cfg_scale=true_cfg) if true_cfg > 1 else {}
+  neg = dict(negative_prompt=NEGATIVE, true_cfg_scale=true_cfg, max_sequence_length=128) if true_cfg > 1 else {}
   with torch.no_grad():
     out = pipe(prompt=PROMPTS, height=8 * h, width=8 * w, latents=packed, num_inference_steps=4,
                output_type="latent", **neg).images
@@ -97,7 +98,7 @@ def test_prompt_sampler_matches_pipeline(pipeline, converted, true_cfg):
   p = load_preset("flux_schnell")
   latents = dit_jax.sample(model, PROMPTS, negative=NEGATIVE if true_cfg > 1 else None, encoders=encoders,
                            method=p.method, steps=4, cfg_scale=true_cfg, shift=p.shift, schedule=p.schedule,
-                           latent_size=LATENT, noise=x_T)
+                           max_sequence_length=neg.get("max_sequence_length"), latent_size=LATENT, noise=x_T)
   err = rel_err(latents, expected)
   assert latents.shape == expected.shape and err <= 1e-4, f"prompts -> latents vs FluxPipeline: {err:.2e}"
 
@@ -142,6 +143,7 @@ def test_converter_errors(pipeline, tmp, capsys):
     folder.mkdir()
     (folder / "text_encoder").symlink_to(root / "text_encoder")
   hf_t5(dict(T5, d_model=48), seed=4).save_pretrained(wide / "text_encoder_2")
+  capsys.readouterr()  # save_pretrained's progress bar
   transformer = str(root / "transformer")
   for folder, fragment in ((wide, "T5's width 48 does not fit the FLUX transformer's joint_attention_dim 32"),
                            (alone, "found clip_l but not t5xxl: FLUX needs CLIP-L and T5")):
