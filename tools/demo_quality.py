@@ -2,8 +2,8 @@
 """Quality check for the embedded digits demo: is each generated digit the class it was asked for?
 
 Trains a classifier (an RBF SVM, about 99% held-out accuracy) on scikit-learn's real 8x8 digits, samples
-``--per-class`` digits of every class from a trained checkpoint (the DiT demo, or the MMDiT demo conditioned on
-class tokens), and reports the fraction that the classifier assigns to the requested class.
+``--per-class`` digits of every class from a trained checkpoint (the DiT demo, or the MMDiT / FLUX demos
+conditioned on class tokens), and reports the fraction that the classifier assigns to the requested class.
 
   python tools/demo_quality.py runs/demo [--per-class 50] [--method euler --steps 32 --cfg-scale 2.0]
   python tools/demo_quality.py runs/mmdit-demo --target 0.90
@@ -41,9 +41,10 @@ def to_digit_features(images: np.ndarray) -> np.ndarray:
 
 
 def evaluate(checkpoint: str, per_class: int = 50, seed: int = 0, **sample_kwargs) -> dict:
-  """Sample ``per_class`` digits of each class and classify them. A DiT is given the labels; an MMDiT workdir
-  trained on class tokens (configs/mmdit_demo.py) is given each label's tokens as context / pooled, with
-  classifier-free guidance against zeros (the sampler's default negative) and its training shift."""
+  """Sample ``per_class`` digits of each class and classify them. A DiT is given the labels; an MMDiT or FLUX
+  workdir trained on class tokens (configs/mmdit_demo.py, configs/flux_demo.py) is given each label's tokens as
+  context / pooled, with classifier-free guidance against zeros (the sampler's default negative) and its training
+  shift."""
   import jax
 
   import dit_jax
@@ -57,8 +58,12 @@ def evaluate(checkpoint: str, per_class: int = 50, seed: int = 0, **sample_kwarg
     from dit_jax.workdir import class_tokens_of
 
     tokens = class_tokens_of(checkpoint)
-    if (cfg.sample_size, cfg.in_channels, tokens.num_classes) != (8, 1, 10):
+    flux = kinds.of(model).name == "flux"  # no fixed size (the digits' 8x8 goes as latent_size); packed channels
+    shape = (8, cfg.in_channels // 4) if flux else (cfg.sample_size, cfg.in_channels)
+    if (*shape, tokens.num_classes) != (8, 1, 10):
       raise ValueError(f"{checkpoint} is not a digits model (8x8x1, 10 classes)")
+    if flux:
+      sample_kwargs.setdefault("latent_size", (8, 8))
     sample_kwargs.setdefault("shift", read_meta(checkpoint)["training"].get("flow_shift", 1.0))
     sample_kwargs.pop("flow_convention", None)
     cond = tokens(labels)
