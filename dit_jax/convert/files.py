@@ -185,7 +185,8 @@ def _convert_flux(src, source: Source, parts: tuple[dict, dict, int], out_dir, *
   if layout not in ("auto", found) and not (layout == "original" and found == flux_tables.ORIGINAL_LAYOUT):
     raise ConversionError(f"{src} is a FLUX transformer in the {found} layout, not {layout}")
   cfg = flux_tables.infer_config(tensors, found, source.diffusers_config, axes_dims_rope=axes_dims_rope)
-  plans = {} if text is None else text_files.plan_text_encoders(src, source.tensors, allow_nonfinite=allow_nonfinite,
+  # a ComfyUI checkpoint's text_encoders.* are left out (its CLIP-L / T5 come without tokenizers)
+  plans = {} if text is None else text_files.plan_text_encoders(src, {}, allow_nonfinite=allow_nonfinite,
                                                                 family="flux", **text)
   if plans:
     text_files.check_widths(plans, cfg.joint_attention_dim, cfg.pooled_projection_dim, family="flux")
