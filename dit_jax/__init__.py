@@ -1,17 +1,19 @@
-"""dit_jax: Diffusion Transformers (DiT, MMDiT) in JAX / Flax NNX.
+"""dit_jax: Diffusion Transformers (DiT, MMDiT, FLUX.1) in JAX / Flax NNX.
 
 Public API:
   load(path, dtype=jnp.float32)  -> NNX model from a checkpoint directory (``model.config``)
   load_vae(path)                 -> the AutoencoderKL of a VAE checkpoint or of a model directory bundling one
   save(model, out_dir)           -> write a checkpoint directory
-  sample(model, cond, key, *, method, steps, cfg_scale, negative, skip_layer_guidance, latent_size, ...)
-                                 -> final latents (one jitted loop; DiT: class ids, MMDiT: {"context", "pooled"})
+  sample(model, cond, key, *, method, steps, cfg_scale, negative, skip_layer_guidance, latent_size, guidance,
+         schedule, ...)          -> final latents (one jitted loop; DiT: class ids, MMDiT / FLUX: {"context",
+                                    "pooled"} or prompts with ``encoders``)
   DiT, DiTConfig, dit_config     -> the model, its config and the paper's named configs (CONFIGS)
   MMDiT, MMDiTConfig             -> SD3 / SD3.5 multimodal DiT
-  Flux, FluxConfig               -> FLUX.1 [dev] / [schnell] transformer (forward and conversion; sampling to come)
-  load_text_encoders(path)       -> TextEncoders (CLIP-L, CLIP-G, T5 and their tokenizers) bundled with an SD3 model
-  encode_prompt(encoders, prompts, *, negative, profile, max_sequence_length, clip_skip)
-                                 -> {"context": (B, L, 4096), "pooled": (B, 2048)} (and the negatives)
+  Flux, FluxConfig               -> FLUX.1 [dev] / [schnell] transformer (forward, conversion, sampling from embeddings or prompts)
+  load_text_encoders(path)       -> TextEncoders bundled with a model (SD3: CLIP-L, CLIP-G, T5; FLUX: CLIP-L, T5;
+                                    with their tokenizers)
+  encode_prompt(encoders, prompts, *, negative, family="sd3"|"flux", profile, max_sequence_length, clip_skip)
+                                 -> {"context": (B, L, 4096), "pooled": (B, 2048 SD3 / 768 FLUX)} (and the negatives)
 """
 from dit_jax.checkpoint import CheckpointError, load, load_vae, save
 from dit_jax.diffusion.samplers import sample
