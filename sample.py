@@ -308,7 +308,8 @@ def run_text(args: argparse.Namespace, out: pathlib.Path) -> str:
     from dit_jax.workdir import class_tokens_of
     cond, negative = class_tokens_of(args.checkpoint)(_ints(args.class_labels, "--class-labels")), None
   if kind.name == "flux":
-    opts = sampling_options(args, default_shift=None, default_cfg=1.0)  # shift: the kind's resolution rule
+    from dit_jax.workdir import sampling_shift
+    opts = sampling_options(args, default_shift=sampling_shift(training), default_cfg=1.0)
   else:
     opts = sampling_options(args, default_shift=training.get("flow_shift", 3.0))
   dtype = jnp.bfloat16 if args.bf16 else jnp.float32

@@ -32,5 +32,6 @@ def get_config():
   c.checkpoint_every_steps = 300
   c.keep_checkpoints = 2
   c.keep_period = 0
-  c.sample_every_steps = 0  # FLUX training writes no grids yet: tools/demo_quality.py samples the workdir
+  c.sample_every_steps = 600  # one grid of digits 0-9 (twice) at the end, in <workdir>/samples/
+  c.sample.update(method="euler", steps=32, cfg_scale=2.0, num=20)
   return c

@@ -189,9 +189,10 @@ def write_sample_grid(config: ml_collections.ConfigDict, model: nnx.Module, work
   """A grid of EMA samples (conditioned as the kind's ``grid_cond``: labels 0, 1, ..., or class tokens / text rows
   0, 1, ... for an MMDiT) as an image summary and ``<workdir>/samples/<step>.png``."""
   s = config.sample
-  cond = kinds.get(config.model.kind).grid_cond(config, model, s.num)
+  kind = kinds.get(config.model.kind)
+  cond = kind.grid_cond(config, model, s.num)
   latents = sample(model, cond, jax.random.key(config.seed), method=s.method, steps=s.steps, cfg_scale=s.cfg_scale,
-                   cfg_mode=s.cfg_mode, flow_convention=config.flow.convention, shift=config.flow.shift)
+                   cfg_mode=s.cfg_mode, flow_convention=config.flow.convention, **kind.grid_sample_kwargs(config))
   grid = sample_files.image_grid(sample_files.displayable(sample_files.to_uint8(jax.device_get(latents))))
   writer.write_images(step, {"samples": grid[None]})
   if jax.process_index() == 0:

@@ -16,7 +16,8 @@ def write_model_meta(workdir: pathlib.Path, config: ml_collections.ConfigDict, m
   conditioning (e.g. an MMDiT's class-token table, ``Kind.conditioning_meta``); ``training.scan_layers`` the
   layout of the checkpoints' blocks (stacked per run; absent in older workdirs: per block)."""
   training = {"checkpoints": "checkpoints", "objective": config.objective, "flow_convention": config.flow.convention,
-              "flow_shift": config.flow.shift, "scan_layers": bool(config.scan_layers)}
+              "flow_shift": config.flow.shift, "flow_resolution_shift": bool(config.flow.resolution_shift),
+              "scan_layers": bool(config.scan_layers)}
   if conditioning is not None:
     training["conditioning"] = conditioning
   meta = {"format_version": checkpoint.FORMAT_VERSION, "kind": config.model.kind, "config": model_cfg.to_dict(),
@@ -25,6 +26,15 @@ def write_model_meta(workdir: pathlib.Path, config: ml_collections.ConfigDict, m
   tmp = path.with_suffix(".tmp")
   tmp.write_text(json.dumps(meta, indent=2) + "\n")
   tmp.replace(path)
+
+
+def sampling_shift(training: dict, default=None):
+  """The flow shift to sample a training run with, from its metadata's ``training``: 'resolution' (FLUX's mu of
+  the latent's tokens) for a run trained with ``flow.resolution_shift``, else its ``flow_shift``, else ``default``
+  (e.g. a converted checkpoint, which records no training)."""
+  if training.get("flow_resolution_shift"):
+    return "resolution"
+  return training.get("flow_shift", default)
 
 
 def class_tokens_of(workdir) -> data.ClassTokens:

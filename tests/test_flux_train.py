@@ -95,7 +95,8 @@ class RepeatLoader(ToyTextLoader):
 def test_loss_falls_on_a_fixed_batch_with_scan_remat_accumulation_and_loads_as_flux(tmp):
   config = tiny_flux_config(steps=60)
   config.update(scan_layers=True, remat="full", grad_accum_steps=2, ema_decay=0.0, checkpoint_every_steps=60,
-                log_every_steps=60)
+                log_every_steps=60, sample_every_steps=60)
+  config.sample.update(method="euler", steps=2, num=2)
   config.optimizer.update(lr=3e-3, warmup_steps=0)
   mesh = parallel.make_mesh((1, 1, 1), jax.devices()[:1])
   trained = train(config, tmp, loader=RepeatLoader(8), mesh=mesh)
@@ -106,6 +107,7 @@ def test_loss_falls_on_a_fixed_batch_with_scan_remat_accumulation_and_loads_as_f
                                 want["single_blocks"][0]["linear1"]["kernel"][...])
   meta = checkpoint.read_meta(tmp)
   assert meta["kind"] == "flux" and meta["training"]["conditioning"]["kind"] == "class_tokens"
+  assert meta["training"]["flow_resolution_shift"] and (tmp / "samples" / "0000060.png").is_file()  # the grid
   # the initial model predicts zero velocity (its final layer starts at zero): compare with that loss
   batch = {k: jnp.asarray(v) for k, v in next(RepeatLoader(8)).items()}
   graphdef, state = nnx.split(model)
@@ -127,7 +129,8 @@ def test_loss_falls_on_a_fixed_batch_with_scan_remat_accumulation_and_loads_as_f
     (lambda c: setattr(c.flux, "guidance_embeds", False), "flux.guidance_range needs flux.guidance_embeds"),
     (lambda c: setattr(c.flux, "guidance", -1.0), "flux.guidance -1.0 must be >= 0"),
     (lambda c: setattr(c.flux, "sample_size", 7), "flux.sample_size 7 must be positive and even"),
-    (lambda c: setattr(c, "sample_every_steps", 5), "FLUX training writes no sample grids yet"),
+    (lambda c: (setattr(c, "sample_every_steps", 5), setattr(c.sample, "method", "ddpm")),
+     "FLUX sample grids use one of euler"),
     (lambda c: setattr(c.flow, "shift", 3.0), "flow.resolution_shift replaces flow.shift"),
     (lambda c: setattr(c.flux, "in_channels", 6), "invalid FLUX config: in_channels 6"),
     (lambda c: setattr(c.flux, "axes_dims_rope", (4, 4, 4)), "axes_dims_rope \\[4, 4, 4\\] must be"),

@@ -140,7 +140,7 @@ def test_registry_errors_name_the_known_kinds(toy_kind):
     kinds.get("nope")
   c = default_config()
   c.model.kind = "vae"
-  with pytest.raises(ValueError, match="model.kind 'vae' is not one of 'dit', 'mmdit', 'toy'"):
+  with pytest.raises(ValueError, match="model.kind 'vae' is not one of 'dit', 'mmdit', 'flux', 'toy'"):
     validate(c)
   with pytest.raises(ValueError, match="model kind 'vae' cannot be sampled"):
     kinds.get("vae").prepare_sample(None, None, method=None, shift=None, flow_convention=None)

@@ -55,7 +55,7 @@ def evaluate(checkpoint: str, per_class: int = 50, seed: int = 0, **sample_kwarg
   cfg = model.config
   labels = np.repeat(np.arange(10), per_class)
   if kinds.of(model).conditioning == "text":  # class tokens as context / pooled
-    from dit_jax.workdir import class_tokens_of
+    from dit_jax.workdir import class_tokens_of, sampling_shift
 
     tokens = class_tokens_of(checkpoint)
     flux = kinds.of(model).name == "flux"  # no fixed size (the digits' 8x8 goes as latent_size); packed channels
@@ -64,7 +64,7 @@ def evaluate(checkpoint: str, per_class: int = 50, seed: int = 0, **sample_kwarg
       raise ValueError(f"{checkpoint} is not a digits model (8x8x1, 10 classes)")
     if flux:
       sample_kwargs.setdefault("latent_size", (8, 8))
-    sample_kwargs.setdefault("shift", read_meta(checkpoint)["training"].get("flow_shift", 1.0))
+    sample_kwargs.setdefault("shift", sampling_shift(read_meta(checkpoint)["training"], 1.0))
     sample_kwargs.pop("flow_convention", None)
     cond = tokens(labels)
   else:

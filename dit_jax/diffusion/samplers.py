@@ -173,6 +173,11 @@ def _compiled(graphdef, o: _Options):
   return jax.jit(run)
 
 
+def _given(**options) -> dict:
+  """The options that are set (a kind that takes none of them, such as a DiT, needs no parameter for them)."""
+  return {k: v for k, v in options.items() if v is not None}
+
+
 def _abstract_on(tree, sharding):
   """Shapes and dtypes of ``tree`` placed (abstractly) with ``sharding``."""
   return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), tree)
@@ -209,8 +214,9 @@ def sample(model: nnx.Module, cond, key: jax.Array | None = None, *, method: str
       only when guidance_scale > 1; here it runs whenever given.
     latent_size: MMDiT: (h, w) latent pixels (default (sample_size, sample_size)); FLUX: even (default 128, 128).
     noise: (B, H, W, C) initial latent; step_noise: (steps, B, H, W, C) per-step normals (ddpm, ddim eta>0, sde).
-    shift: flow sigma shift (default 1 for a DiT, 3 for an MMDiT); flow_convention: 'sit' (t in [0,1], t=1 data;
-      the DiT default) or 'sd3' (t = 1000 sigma, velocity = noise - data; always for an MMDiT).
+    shift: flow sigma shift (default 1 for a DiT, 3 for an MMDiT; FLUX: see ``schedule``, and 'resolution' for
+      the latent size's mu whatever the model); flow_convention: 'sit' (t in [0,1], t=1 data; the DiT default) or
+      'sd3' (t = 1000 sigma, velocity = noise - data; always for an MMDiT; FLUX: 'flux', time = sigma).
     mesh: shard the batch over every axis of this mesh (parameters replicated).
     lower: return the loop lowered for ``mesh`` (a ``jax.stages.Lowered``; the model may be abstract, the mesh's
       devices compile-only, as ``tools/plan.py --sample`` uses it) instead of running it.
@@ -230,10 +236,13 @@ def sample(model: nnx.Module, cond, key: jax.Array | None = None, *, method: str
     from dit_jax.text.conditioning import prompt_cond
     cond, negative = prompt_cond(model.config, encoders, cond, negative, cfg_scale=cfg_scale, profile=profile,
                                  max_sequence_length=max_sequence_length, clip_skip=clip_skip)
+  if isinstance(shift, str) and not (shift == "resolution" and kinds.of(model).resolution_shift):
+    raise ValueError(f"shift must be a number > 0{' (or resolution for FLUX)' if shift == 'resolution' else ''}, "
+                     f"got {shift!r}")
   spec = kinds.of(model).prepare_sample(model.config, cond, method=method, shift=shift,
                                         flow_convention=flow_convention, negative=negative,
                                         skip_layer_guidance=skip_layer_guidance, latent_size=latent_size,
-                                        guidance=guidance, schedule=schedule)
+                                        **_given(guidance=guidance, schedule=schedule))
   method, latent_shape = spec.method, spec.latent_shape
   _validate(method, steps, cfg_scale, step_noise, latent_shape, respacing)
   if not spec.shift > 0:  # also NaN; a shift <= 0 turns the flow schedule into garbage (all-zero images)

@@ -43,6 +43,7 @@ class Kind:
   conditioning: ClassVar[str | None] = None  # what sampling takes: "labels" | "text" | None (not sampled)
   batch_ndims: ClassVar[dict[str, int]] = {}  # training batch key -> ndim ({} = not trained)
   train_section: ClassVar[str | None] = None  # a training-config section of its own (e.g. "mmdit"), if any
+  resolution_shift: ClassVar[bool] = False  # sampling takes shift="resolution" (the latent size's own shift)
 
   def build(self, config, *, rngs: nnx.Rngs, dtype, param_dtype, attention_impl: str = "auto",
             remat: str = "none", scan_layers: bool = False) -> nnx.Module:
@@ -105,12 +106,18 @@ class Kind:
     """What the training loop's sample grid is conditioned on."""
     self._cannot("be sampled")
 
+  def grid_sample_kwargs(self, config: ml_collections.ConfigDict) -> dict:
+    """``dit_jax.sample`` options of the training loop's sample grid beyond ``config.sample`` (default: the
+    training flow shift)."""
+    return {"shift": config.flow.shift}
+
   # Sampling ----------------------------------------------------------------------------------------------------
 
   def prepare_sample(self, model_config, cond, *, method: str | None, shift: float | None,
                      flow_convention: str | None, negative=None, skip_layer_guidance=None,
                      latent_size=None, guidance=None, schedule=None) -> SampleSpec:
-    """Check a ``dit_jax.sample`` request against the model and fill in the kind's defaults."""
+    """Check a ``dit_jax.sample`` request against the model and fill in the kind's defaults (``guidance`` and
+    ``schedule``, FLUX's, are passed only when set)."""
     self._cannot("be sampled")
 
   def check_latent_size(self, model_config, latent_size) -> tuple[int, int]:

@@ -46,6 +46,7 @@ class FluxKind(Kind):
   conditioning = "text"
   batch_ndims = {"image": 4, "context": 3, "pooled": 2}
   train_section = "flux"
+  resolution_shift = True
 
   def stack_blocks(self, cfg: FluxConfig, state):
     return flux_model.stack_blocks(state, cfg)
@@ -86,9 +87,8 @@ class FluxKind(Kind):
         (not g or (len(g) == 2 and 0 <= g[0] <= g[1]),
          f"flux.guidance_range {list(g)} must be () or (lo, hi) with 0 <= lo <= hi"),
         (not g or f.guidance_embeds, "flux.guidance_range needs flux.guidance_embeds (a guidance-distilled model)"),
-        (not config.sample_every_steps,
-         f"sample_every_steps {config.sample_every_steps}: FLUX training writes no sample grids yet (set 0; sample "
-         "the workdir with sample.py or dit_jax.sample, latent_size given)"),
+        (not config.sample_every_steps or config.sample.method in SAMPLE_METHODS,
+         f"FLUX sample grids use one of {', '.join(SAMPLE_METHODS)}, not sample.method {config.sample.method!r}"),
     ]
 
   def network(self, config, model: Flux, batch, dropout_key):
@@ -118,6 +118,12 @@ class FluxKind(Kind):
     """The context / pooled widths the loader's conditioning must have."""
     return {"context_dim": config.flux.joint_attention_dim, "pooled_dim": config.flux.pooled_projection_dim}
 
+  def grid_sample_kwargs(self, config) -> dict:
+    """Grids of ``flux.sample_size`` latents with the training shift (the resolution's when trained with it)."""
+    shift = "resolution" if config.flow.resolution_shift else config.flow.shift
+    guidance = {"guidance": config.flux.guidance} if config.flux.guidance_embeds else {}
+    return {"latent_size": (config.flux.sample_size,) * 2, "shift": shift, **guidance}
+
   # Conditioned as an MMDiT: the class-token spec or the text folder; grids from its first rows / labels 0, 1, ...
   conditioning_meta = MMDiTKind.conditioning_meta
   grid_cond = MMDiTKind.grid_cond
@@ -136,7 +142,8 @@ class FluxKind(Kind):
                      skip_layer_guidance=None, latent_size=None, guidance=None, schedule=None) -> SampleSpec:
     """T5 context and CLIP pooled; Euler on the FLUX schedule ('diffusers' or 'reference' = BFL), shifted by
     the resolution's mu when the model is guidance-distilled (dev) and unshifted otherwise (schnell), as both
-    references decide; ``shift`` replaces mu by a constant shift. ``guidance`` (dev only, default 3.5) is the
+    references decide; ``shift`` replaces mu by a constant shift, or 'resolution' applies the resolution's mu
+    whatever the model (a run trained with ``flow.resolution_shift``). ``guidance`` (dev only, default 3.5) is the
     distilled-guidance input; ``negative`` with cfg_scale > 1 is diffusers' true CFG."""
     method = method or "euler"
     if method not in SAMPLE_METHODS:
@@ -163,12 +170,9 @@ class FluxKind(Kind):
     if cfg.guidance_embeds:
       g = np.full((cond["context"].shape[0],), guidance, np.float32)
       cond, uncond = {**cond, "guidance": g}, {**uncond, "guidance": g}
-    if shift is not None:
-      mu = None
-    elif cfg.guidance_embeds:
-      mu = flow.dynamic_shift_mu(h * w // 4)
-    else:
-      mu = None
+    resolution = shift == "resolution" or (shift is None and cfg.guidance_embeds)
+    mu = flow.dynamic_shift_mu(h * w // 4) if resolution else None
+    shift = None if resolution else shift
     return SampleSpec(cond=cond, uncond=uncond, latent_shape=(cond["context"].shape[0], h, w, cfg.out_channels // 4),
                       method=method, shift=1.0 if shift is None else shift, flow_convention="flux",
                       schedule=functools.partial(flow.flux_sigmas, mu=mu, shift=shift, flavour=schedule or "diffusers"))
