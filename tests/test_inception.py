@@ -31,13 +31,17 @@ def _convert(state: dict[str, torch.Tensor]) -> inception.InceptionV3:
 
 
 @pytest.fixture(scope="module")
-def fidelity(tmp_path_factory):
+def network():
+  """features(model, x) jitted once for the module: every converted model shares the compiled 299 x 299 network."""
+  return nnx.jit(lambda m, x: m.features(x))
+
+
+@pytest.fixture(scope="module")
+def fidelity(tmp_path_factory, network):
   """(torch-fidelity extractor loaded from its random weights file, our converted model, jitted network)."""
   path = tmp_path_factory.mktemp("inception") / "weights-inception-2015-12-05-6726825d.pth"
   state = ref.torch_fidelity_file(path)
-  model = _convert(state)
-  network = nnx.jit(lambda m, x: m.features(x))
-  return ref.torch_fidelity_extractor(path), model, network
+  return ref.torch_fidelity_extractor(path), _convert(state), network
 
 
 @pytest.mark.parametrize("height,width", [(64, 64), (256, 256), (512, 384)])
@@ -53,18 +57,22 @@ def test_matches_torch_fidelity(fidelity, height, width):
     assert err < TOL, f"{name} at {height}x{width}: relative error {err:.2e}"
 
 
-def test_call_preprocesses(fidelity):
-  """model(images) == features(preprocess(images)), for uint8 and float [0, 255] input alike."""
-  _, model, _ = fidelity
+def test_call_preprocesses():
+  """preprocess takes uint8 and float [0, 255] alike; model(images) traces to the three outputs; bad input is a
+  one-line error."""
   images = ref.random_images(1, 80, 96, seed=7)
-  a = jax.jit(lambda im: model(im)["pool3"])(jnp.asarray(images))
-  b = jax.jit(lambda im: model(im)["pool3"])(jnp.asarray(images, jnp.float32))
-  np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-  with pytest.raises(ValueError, match="NHWC"):
-    model(jnp.zeros((1, 3, 64, 64), jnp.uint8))
+  a = inception.preprocess(jnp.asarray(images))
+  np.testing.assert_array_equal(np.asarray(a), np.asarray(inception.preprocess(jnp.asarray(images, jnp.float32))))
+  assert a.shape == (1, 299, 299, 3) and float(a.min()) >= -1 and float(a.max()) <= 127 / 128
+  graphdef, state = nnx.split(nnx.eval_shape(lambda: inception.InceptionV3(rngs=nnx.Rngs(0))))
+  out = jax.eval_shape(lambda s, im: nnx.merge(graphdef, s)(im), state, jax.ShapeDtypeStruct((3, 40, 50, 3), jnp.uint8))
+  assert {k: v.shape for k, v in out.items()} == {"pool3": (3, 2048), "spatial": (3, 2023), "logits": (3, 1008)}
+  for bad, match in (((1, 3, 64, 64), "NHWC"), ((1, 64, 64, 3), "dtype int32")):
+    with pytest.raises(ValueError, match=match):
+      inception.preprocess(jnp.zeros(bad, jnp.int32 if match.startswith("dtype") else jnp.uint8))
 
 
-def test_matches_pytorch_fid(tmp_path):
+def test_matches_pytorch_fid(tmp_path, network):
   path = tmp_path / "pt_inception-2015-12-05-6726825d.pth"
   state = ref.pytorch_fid_file(path)
   theirs_model = ref.pytorch_fid_model(path)
@@ -75,7 +83,7 @@ def test_matches_pytorch_fid(tmp_path):
   with torch.no_grad():
     pool3 = theirs_model(torch.from_numpy(x).permute(0, 3, 1, 2))[0].reshape(2, -1).numpy()
   logits = pool3 @ state["fc.weight"].numpy().T.astype(np.float64)
-  ours = nnx.jit(lambda m, x: m.features(x))(model, jnp.asarray(x))
+  ours = network(model, jnp.asarray(x))
   for name, theirs in (("pool3", pool3), ("logits", logits)):
     err = rel_err(ours[name], theirs)
     assert err < TOL, f"{name} vs pytorch-fid: relative error {err:.2e}"
@@ -131,3 +139,23 @@ def test_strict_errors():
     inception_tables.to_model(dict(tensors, **{"AuxLogits.fc.weight": np.zeros((2, 2), np.float32)}), cfg, layout)
   with pytest.raises(ConversionError, match="not an FID Inception-v3 state dict"):
     inception_tables.detect_layout({"encoder.conv_in.weight": np.zeros(1)})
+
+
+def test_checkpoint_round_trip(tmp_path):
+  """The 'inception' kind saves and loads through dit_jax.checkpoint like the other kinds (registered here until
+  dit_jax.kinds registers it)."""
+  from dit_jax import checkpoint, kinds
+  from dit_jax.kinds.inception import InceptionKind
+
+  if "inception" not in kinds.KINDS:
+    kinds.register(InceptionKind())
+  cfg = inception.InceptionConfig(num_classes=10)
+  graphdef, state = nnx.split(nnx.eval_shape(lambda: inception.InceptionV3(cfg, rngs=nnx.Rngs(0))))
+  rng = np.random.default_rng(0)  # random values without eager per-shape init (slow on CPU)
+  model = nnx.merge(graphdef, jax.tree.map(lambda s: jnp.asarray(rng.standard_normal(s.shape, np.float32)), state))
+  checkpoint.save(model, tmp_path / "ckpt", extra={"source": {"sha256": "0" * 64}})
+  loaded = checkpoint.load(tmp_path / "ckpt")
+  assert isinstance(loaded, inception.InceptionV3) and loaded.config == model.config
+  assert checkpoint.read_meta(tmp_path / "ckpt")["kind"] == "inception"
+  a, b = nnx.to_flat_state(nnx.state(model)), nnx.to_flat_state(nnx.state(loaded))
+  assert all(np.array_equal(np.asarray(x[...]), np.asarray(y[...])) for (_, x), (_, y) in zip(a, b))
