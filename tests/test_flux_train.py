@@ -20,21 +20,7 @@ from dit_jax.train import train
 from dit_jax.train_config import validate
 from dit_jax.trainer import Trainer, build_model, loss_fn
 from tests.helpers.processes import run_on_devices
-from tests.helpers.training import ToyTextLoader, tiny_config
-
-
-def tiny_flux_config(steps: int = 6, batch: int = 8):
-  """A FLUX with 1 double and 1 single block (2 heads of 16, rotary 4 + 6 + 6), guidance-distilled with a random
-  guidance in [1, 5], on 8x8x1 latents (16 tokens) and ToyTextLoader's context (B, 3, 16) / pooled (B, 8)."""
-  c = tiny_config("flow", steps, batch)
-  c.model.kind = "flux"
-  c.flux.update(in_channels=4, out_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=16,
-                num_attention_heads=2, joint_attention_dim=16, pooled_projection_dim=8, axes_dims_rope=(4, 6, 6),
-                guidance_embeds=True, guidance_range=(1.0, 5.0), sample_size=8)
-  c.flow.update(convention="flux", t_sampler="logit_normal", resolution_shift=True)
-  c.data.update(conditioning="class_tokens", class_token_length=3)
-  c.sample_every_steps = 0
-  return c
+from tests.helpers.training import ToyTextLoader, tiny_flux_config
 
 
 def _randomized(config) -> tuple[nnx.GraphDef, nnx.State]:
@@ -156,7 +142,7 @@ def test_unknown_flux_key_and_example_batch():
 
 MESH_SCRIPT = """
     from tests.helpers.training import ToyTextLoader
-    from tests.test_flux_train import tiny_flux_config
+    from tests.helpers.training import tiny_flux_config
     def params_after_3_steps(mesh):
         trainer = Trainer(tiny_flux_config(steps=3), mesh)
         state, rest = jax.device_put(initial, (trainer.state_shardings, trainer.rest_shardings))  # one init compile
