@@ -76,9 +76,14 @@ def test_matches_pytorch_fid(tmp_path, network):
   path = tmp_path / "pt_inception-2015-12-05-6726825d.pth"
   state = ref.pytorch_fid_file(path)
   theirs_model = ref.pytorch_fid_model(path)
-  meta = inception_tables.source_meta(path)
-  assert meta["source"]["sha256"] == inception_tables.file_sha256(path) and len(meta["source"]["sha256"]) == 64
-  model = _convert(torch.load(path, weights_only=True))
+  import dit_jax
+  from dit_jax import checkpoint
+  from dit_jax.convert.files import convert
+
+  convert(path, tmp_path / "ckpt")  # auto-detected, strict; the file's sha256 in the metadata
+  sha = checkpoint.read_meta(tmp_path / "ckpt")["source"]["sha256"]
+  assert sha == inception_tables.file_sha256(path) and len(sha) == 64
+  model = dit_jax.load(tmp_path / "ckpt")
   x = (ref.random_images(2, 299, 299, seed=3).astype(np.float32) - 128) / 128
   with torch.no_grad():
     pool3 = theirs_model(torch.from_numpy(x).permute(0, 3, 1, 2))[0].reshape(2, -1).numpy()
@@ -142,13 +147,8 @@ def test_strict_errors():
 
 
 def test_checkpoint_round_trip(tmp_path):
-  """The 'inception' kind saves and loads through dit_jax.checkpoint like the other kinds (registered here until
-  dit_jax.kinds registers it)."""
-  from dit_jax import checkpoint, kinds
-  from dit_jax.kinds.inception import InceptionKind
-
-  if "inception" not in kinds.KINDS:
-    kinds.register(InceptionKind())
+  """The 'inception' kind saves and loads through dit_jax.checkpoint like the other kinds."""
+  from dit_jax import checkpoint
   cfg = inception.InceptionConfig(num_classes=10)
   graphdef, state = nnx.split(nnx.eval_shape(lambda: inception.InceptionV3(cfg, rngs=nnx.Rngs(0))))
   rng = np.random.default_rng(0)  # random values without eager per-shape init (slow on CPU)

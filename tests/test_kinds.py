@@ -136,7 +136,7 @@ def test_toy_kind_samples_through_sample_and_the_cli(toy_run, tmp_path):
 
 def test_registry_errors_name_the_known_kinds(toy_kind):
   with pytest.raises(ValueError,
-                     match="unknown model kind 'nope'; choose one of dit, mmdit, vae, clip_text, t5_encoder, flux, toy"):
+                     match="unknown model kind 'nope'; choose one of dit, mmdit, vae, clip_text, t5_encoder, flux, inception, toy"):
     kinds.get("nope")
   c = default_config()
   c.model.kind = "vae"

@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Convert PyTorch DiT / MMDiT (SD3, SD3.5) / FLUX.1 / VAE checkpoints to dit_jax checkpoint directories, and back.
+"""Convert PyTorch DiT / MMDiT (SD3, SD3.5) / FLUX.1 / VAE checkpoints (and the FID Inception-v3) to dit_jax
+checkpoint directories, and back.
 
   python tools/convert_torch.py DiT-XL-2-256x256.pt ckpt/dit_xl2_256          # original state dict
   python tools/convert_torch.py results/000-DiT-XL-2/checkpoints/0400000.pt out --weights model
@@ -13,6 +14,8 @@
   python tools/convert_torch.py flux1-dev.safetensors ckpt/flux-dev --vae ae.safetensors   # BFL files (or ComfyUI's)
   python tools/convert_torch.py path/to/FLUX.1-schnell ckpt/flux-schnell    # FluxPipeline folder: transformer + vae/
   python tools/convert_torch.py ae.safetensors ckpt/flux-vae                # FLUX VAE alone (scale 0.3611 shift 0.1159)
+  python tools/convert_torch.py pt_inception-2015-12-05-6726825d.pth ckpt/inception   # pytorch-fid's or torch-
+                                                                    # fidelity's FID Inception (sha256 recorded)
   python tools/convert_torch.py ckpt/sd35m/text_encoders/clip_g clip_g.safetensors --to torch   # hf layout
   python tools/convert_torch.py ckpt/dit_xl2_256 dit.safetensors --to torch [--layout original|diffusers]
   python tools/convert_torch.py ckpt/sd35m sd35m.safetensors --to torch [--layout stability|diffusers]

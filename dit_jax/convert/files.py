@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dit_jax import checkpoint, kinds
-from dit_jax.convert import dit_tables, flux_tables, mmdit_tables, text_files, vae_tables
+from dit_jax.convert import dit_tables, flux_tables, inception_tables, mmdit_tables, text_files, vae_tables
 from dit_jax.convert.engine import FLOAT_DTYPES
 from dit_jax.convert.readers import ConversionError, Source, from_numpy, read_source
 from dit_jax.models.vae import PRESETS, AutoencoderKL
@@ -224,6 +224,19 @@ def _convert_dit(src, source: Source, out_dir, *, layout: str, num_heads: int | 
   return cfg
 
 
+def _convert_inception(src, source: Source, out_dir, *, layout: str, overwrite: bool, allow_nonfinite: bool):
+  """The FID Inception-v3 (one key layout: pytorch-fid's and torch-fidelity's files share it)."""
+  if layout not in ("auto", "original"):
+    raise ConversionError(f"{src} is an FID Inception-v3 (pytorch-fid / torch-fidelity): use layout 'auto'")
+  tensors = inception_tables.select_inception_tensors(source.tensors)
+  found = inception_tables.detect_layout(tensors)
+  cfg = inception_tables.infer_config(tensors, found)
+  model = inception_tables.to_model(tensors, cfg, found, allow_nonfinite=allow_nonfinite)
+  checkpoint.save(model, out_dir, overwrite=overwrite, extra=inception_tables.source_meta(src, found))
+  logger.info("converted the FID Inception-v3 %s (sha256 recorded) -> %s", src, out_dir)
+  return cfg
+
+
 def convert(src: str | os.PathLike, out_dir: str | os.PathLike, *, layout: str = "auto", weights: str | None = None,
             num_heads: int | None = None, input_size: int | None = None, num_classes: int | None = None,
             vae: str | os.PathLike | None = None, bundle_vae: bool = True, vae_preset: str | None = None,
@@ -243,7 +256,9 @@ def convert(src: str | os.PathLike, out_dir: str | os.PathLike, *, layout: str =
       Depth files, the same with ComfyUI's ``model.diffusion_model.`` prefix, a diffusers
       ``FluxTransformer2DModel`` folder / file or a FluxPipeline folder) or a VAE (diffusers AutoencoderKL folder /
       file, LDM / SD single file, BFL's ``ae.safetensors``: an LDM-layout 16-channel VAE with no prefix and no
-      config.json gets FLUX's latent scales unless ``vae_preset`` says otherwise).
+      config.json gets FLUX's latent scales unless ``vae_preset`` says otherwise), or the FID Inception-v3
+      (pytorch-fid's ``pt_inception-2015-12-05-6726825d.pth``, torch-fidelity's
+      ``weights-inception-2015-12-05-6726825d.pth``; the file's sha256 is recorded in the checkpoint's metadata).
     out_dir: checkpoint directory to write (must not exist or be empty unless ``overwrite``).
     layout: key layout: 'auto' | 'original' | 'diffusers' for a DiT, 'auto' | 'stability' | 'diffusers' for an
       MMDiT, 'auto' | 'bfl' (alias 'original') | 'diffusers' for FLUX.
@@ -298,6 +313,9 @@ def convert(src: str | os.PathLike, out_dir: str | os.PathLike, *, layout: str =
   if layout == "stability":
     raise ConversionError(f"{src} is not an MMDiT (no context_embedder.weight + joint_blocks.* / "
                           "transformer_blocks.*): the stability layout applies to MMDiT checkpoints only")
+  if inception_tables.is_inception(source.tensors):
+    return _convert_inception(src, source, out_dir, layout=layout, overwrite=overwrite,
+                              allow_nonfinite=allow_nonfinite)
   encoder = text_files.plan_single(src, source, allow_nonfinite) if layout == "auto" else None
   if encoder is not None:  # a CLIP or T5 text encoder on its own
     checkpoint.save(encoder.convert(), out_dir, overwrite=overwrite, extra=encoder.meta())

@@ -12,6 +12,7 @@ from dit_jax.kinds.base import Kind, SampleSpec
 from dit_jax.kinds.clip import CLIPTextKind
 from dit_jax.kinds.dit import DiTKind
 from dit_jax.kinds.flux import FluxKind
+from dit_jax.kinds.inception import InceptionKind
 from dit_jax.kinds.mmdit import MMDiTKind
 from dit_jax.kinds.t5 import T5EncoderKind
 from dit_jax.kinds.vae import VAEKind
@@ -25,7 +26,7 @@ def register(kind: Kind) -> Kind:
   return kind
 
 
-for _kind in (DiTKind(), MMDiTKind(), VAEKind(), CLIPTextKind(), T5EncoderKind(), FluxKind()):
+for _kind in (DiTKind(), MMDiTKind(), VAEKind(), CLIPTextKind(), T5EncoderKind(), FluxKind(), InceptionKind()):
   register(_kind)
 
 
