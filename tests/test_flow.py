@@ -37,7 +37,10 @@ def test_path_and_conventions():
   np.testing.assert_array_equal(flow.SIT.to_sd3_velocity(x0 - noise), v)
   np.testing.assert_allclose(flow.SD3.model_time(sigma), 1000 * sigma)
   np.testing.assert_array_equal(flow.SD3.to_sd3_velocity(v), v)
-  assert flow.CONVENTIONS == {"sd3": flow.SD3, "sit": flow.SIT}
+  # FLUX: the SD3 path and velocity, fed sigma itself (the model multiplies by 1000 inside)
+  np.testing.assert_array_equal(flow.FLUX.model_time(sigma), sigma)
+  np.testing.assert_array_equal(flow.FLUX.to_sd3_velocity(v), v)
+  assert flow.CONVENTIONS == {"sd3": flow.SD3, "sit": flow.SIT, "flux": flow.FLUX}
 
 
 def test_sample_sigmas_distributions():
