@@ -3,7 +3,9 @@
 
 Trains a classifier (an RBF SVM, about 99% held-out accuracy) on scikit-learn's real 8x8 digits, samples
 ``--per-class`` digits of every class from a trained checkpoint (the DiT demo, or the MMDiT / FLUX demos
-conditioned on class tokens), and reports the fraction that the classifier assigns to the requested class.
+conditioned on class tokens), and reports the fraction that the classifier assigns to the requested class. It also
+reports the Fréchet distance of the samples to the held-out real digits on a small MLP classifier's hidden features
+(the small-scale FID of dit_jax.eval.digits), beside the same distance for as many real training digits (its floor).
 
   python tools/demo_quality.py runs/demo [--per-class 50] [--method euler --steps 32 --cfg-scale 2.0]
   python tools/demo_quality.py runs/mmdit-demo --target 0.90
@@ -20,24 +22,8 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 
 from dit_jax.cli import ArgumentParser, fail  # noqa: E402
-
-
-def digits_classifier(seed: int = 0):
-  """(classifier, held-out accuracy) on the real digits, features = pixels in [0, 16]."""
-  from sklearn.datasets import load_digits
-  from sklearn.model_selection import train_test_split
-  from sklearn.svm import SVC
-
-  digits = load_digits()
-  x_train, x_test, y_train, y_test = train_test_split(digits.data, digits.target, test_size=0.25, random_state=seed,
-                                                      stratify=digits.target)
-  clf = SVC(gamma=0.001, C=10.0).fit(x_train, y_train)
-  return clf, float(clf.score(x_test, y_test))
-
-
-def to_digit_features(images: np.ndarray) -> np.ndarray:
-  """Generated images in [-1, 1], (N, 8, 8, 1) -> the classifier's pixel scale [0, 16], (N, 64)."""
-  return np.clip((np.asarray(images, np.float64).reshape(len(images), -1) + 1.0) * 8.0, 0.0, 16.0)
+from dit_jax.eval.digits import (digits_classifier, digits_frechet_distance, feature_network,  # noqa: E402
+                                 real_frechet_distance, to_digit_features)
 
 
 def evaluate(checkpoint: str, per_class: int = 50, seed: int = 0, **sample_kwargs) -> dict:
@@ -72,11 +58,14 @@ def evaluate(checkpoint: str, per_class: int = 50, seed: int = 0, **sample_kwarg
       raise ValueError(f"{checkpoint} is not a digits model (8x8x1, 10 classes)")
     cond = labels
   clf, real_accuracy = digits_classifier(seed)
-  images = dit_jax.sample(model, cond, jax.random.key(seed), **sample_kwargs)
-  predicted = clf.predict(to_digit_features(jax.device_get(images)))
+  images = jax.device_get(dit_jax.sample(model, cond, jax.random.key(seed), **sample_kwargs))
+  predicted = clf.predict(to_digit_features(images))
   per_class_acc = {int(c): float((predicted[labels == c] == c).mean()) for c in range(10)}
   return {"accuracy": float((predicted == labels).mean()), "per_class": per_class_acc,
-          "classifier_accuracy_on_real": real_accuracy, "samples": int(len(labels))}
+          "classifier_accuracy_on_real": real_accuracy, "samples": int(len(labels)),
+          "frechet_distance": digits_frechet_distance(images, seed),
+          "frechet_distance_real": real_frechet_distance(len(labels), seed),
+          "feature_classifier_accuracy_on_real": feature_network(seed).accuracy}
 
 
 def main(argv=None) -> int:
@@ -100,6 +89,8 @@ def main(argv=None) -> int:
   print(json.dumps(result, indent=1))
   print(f"generated digits classified as the requested class: {result['accuracy']:.1%} "
         f"(classifier on real held-out digits: {result['classifier_accuracy_on_real']:.1%})")
+  print(f"Fréchet distance to the held-out real digits on a digits classifier's features: "
+        f"{result['frechet_distance']:.3f} (as many real training digits: {result['frechet_distance_real']:.3f})")
   return 0 if result["accuracy"] >= args.target else 1
 
 
