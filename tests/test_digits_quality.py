@@ -28,8 +28,8 @@ def scores():
   rng = np.random.default_rng(1)
   real = digits.real_images(N)
   mean = _images(digits.digits_split(0)[0].mean(0)) + rng.normal(0, 0.05, (N, 8, 8, 1))
-  out = {"real": digits.real_frechet_distance(N), "noise": digits.digits_frechet_distance(rng.uniform(-1, 1, real.shape)),
-         "mean": digits.digits_frechet_distance(mean)}
+  out = {"real": digits.real_frechet_distance(N), "mean": digits.digits_frechet_distance(mean),
+         "noise": digits.digits_frechet_distance(rng.uniform(-1, 1, real.shape))}
   constant = np.zeros_like(real) + rng.normal(0, 1e-3, real.shape)  # grey; the jitter keeps the covariance full rank
   out["constant"] = digits.digits_frechet_distance(constant)
   for std in (0.125, 0.25, 0.5, 1.0):
