@@ -130,7 +130,8 @@ def main() -> None:
         f"{xla_flops / 1e9:.2f}; rel err spatial {err['spatial']:.1e}, logits {err['logits']:.1e}")
   print(f"# 1-min load average: {' '.join(f'{x:.1f}' for x in load)} (start, then after each round)")
   print(f"# per-round seconds: dit_jax {' '.join(f'{x:.2f}' for x in times['ours'])}; "
-        f"torch-fidelity {' '.join(f'{x:.2f}' for x in times['theirs'])}")
+        f"torch-fidelity {' '.join(f'{x:.2f}' for x in times['theirs'])}; median of the per-round ratios "
+        f"{np.median(np.divide(times['theirs'], times['ours'])):.2f}x")
   print("| batch | image | GFLOP/img | dit_jax img/s | torch-fidelity img/s | ratio (ours/theirs) | dit_jax MFU | "
         "torch-fidelity MFU | dit_jax compile s | rel err pool3 | load (1 min) |")
   print("|---|---|---|---|---|---|---|---|---|---|---|")
