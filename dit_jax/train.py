@@ -1,6 +1,7 @@
 """The training loop: ``train(config, workdir)`` trains (or resumes) with metrics (metrics.jsonl, TensorBoard via
 clu, one console line per log step through the "dit_jax" logger), MFU, a non-finite guard, SIGTERM handling (save,
-then exit), periodic orbax checkpoints and EMA sample grids.
+then exit), periodic orbax checkpoints, EMA sample grids and FID / IS of the EMA model (``eval_every_steps``,
+:mod:`dit_jax.eval.loop`; own lines in metrics.jsonl, e.g. {"step": 5000, "FID-10K": ..., "IS-10K": ...}).
 
 The host reads device values only at log, checkpoint and sample steps, so dispatch runs ahead in between; the
 non-finite guard stays exact (the step turns into a no-op on device once the limit is reached, see
@@ -30,6 +31,7 @@ from flax import nnx
 from dit_jax import data, hardware, kinds, parallel, sample_files
 from dit_jax.checkpoint import Checkpoints
 from dit_jax.diffusion.samplers import sample
+from dit_jax.eval.loop import TrainingEvaluator
 from dit_jax.train_config import validate
 from dit_jax.trainer import Trainer, TrainState
 from dit_jax.workdir import write_model_meta
@@ -77,6 +79,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, loa
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   mesh = mesh or parallel.make_mesh(tuple(config.mesh_shape))
+  evaluator = TrainingEvaluator(config, mesh) if config.eval_every_steps else None  # its files' errors first
   trainer = Trainer(config, mesh)
   kind = kinds.get(config.model.kind)
   if loader is None:
@@ -114,7 +117,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, loa
       log = step % config.log_every_steps == 0 or step == config.total_steps
       save = step % config.checkpoint_every_steps == 0 or step == config.total_steps or stop
       grid = config.sample_every_steps and step % config.sample_every_steps == 0
-      if not (log or save or grid):
+      evaluate = evaluator is not None and not stop and (step % config.eval_every_steps == 0 or
+                                                         step == config.total_steps)
+      if not (log or save or grid or evaluate):
         continue  # no device read: dispatch runs ahead; the non-finite guard holds the state on device
       scalars = _read(step, state, metrics, clock)
       if log or clock["run"] >= config.nonfinite_abort_after:
@@ -133,6 +138,14 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, loa
         ckpts.save(step, state, rest, {"data": loader.get_state(), "step": step})
       if grid:
         write_sample_grid(config, trainer.ema_model(state, rest), workdir, step, writer)
+      if evaluate:  # after the save, so a preemption during it loses no training; not in the steps/s
+        began = time.perf_counter()
+        scores = evaluator(trainer.ema_model(state, rest))
+        clock["time"] += time.perf_counter() - began
+        writer.write_scalars(step, {f"eval/{k}": v for k, v in scores.items()})
+        if jsonl:
+          jsonl.write(json.dumps({"step": step, **scores}) + "\n")
+          jsonl.flush()
       if stop:
         break
   finally:

@@ -9,6 +9,7 @@ import ml_collections
 
 from dit_jax import data, kinds
 from dit_jax.diffusion.objectives import OBJECTIVES
+from dit_jax.eval.loop import eval_checks
 from dit_jax.models.config import check_all
 
 
@@ -64,6 +65,13 @@ def default_config() -> ml_collections.ConfigDict:
   c.nonfinite_abort_after = 20  # consecutive skipped (non-finite) updates before aborting
   c.sample_every_steps = 0  # 0 = never; else a grid of EMA samples as an image summary
   c.sample = ml_collections.ConfigDict(dict(method="ddpm", steps=50, cfg_scale=4.0, cfg_mode="all", num=16))
+  # FID / IS of num_samples EMA samples every eval_every_steps (0 = never; dit_jax.eval.loop), against an ADM
+  # reference batch (.npz: mu / sigma, else its images' statistics), features from a converted FID Inception
+  # (default $DIT_JAX_INCEPTION); latent data is decoded by eval.vae. batch_size 0 = global_batch_size.
+  c.eval_every_steps = 0
+  c.eval = ml_collections.ConfigDict(dict(
+      num_samples=10_000, batch_size=0, reference="", inception="", vae="",
+      sample=ml_collections.ConfigDict(dict(method="ddpm", steps=250, cfg_scale=1.5, cfg_mode="all"))))
   return c
 
 
@@ -96,4 +104,5 @@ def validate(config: ml_collections.ConfigDict) -> None:
   ]
   check_all(checks, "invalid config")
   check_all(kind.train_checks(config), "invalid config")
+  check_all(eval_checks(config), "invalid config")
   kind.model_config(config)  # the model config's own one-line errors (e.g. "invalid MMDiT config: ...")

@@ -121,3 +121,20 @@ def test_on_device_frechet_distance_matches_scipy_at_2048_dims():
   got = float(jax.jit(metrics.frechet_distance_on_device)(f32(sa.mu), f32(sa.sigma), f32(sb.mu), f32(sb.sigma)))
   err = abs(got - want) / abs(want)
   assert err <= 1e-3, f"on-device FD {got} vs scipy {want}: {err:.2e}"
+  # the form from the features: the same (D, D) computation when N > D ...
+  got = float(jax.jit(metrics.frechet_distance_of_features_on_device)(f32(a), f32(sb.mu), f32(sb.sigma)))
+  err = abs(got - want) / abs(want)
+  assert err <= 1e-3, f"on-device FD from 3000 features {got} vs scipy {want}: {err:.2e}"
+
+
+@pytest.mark.parametrize("n", [12, 200])
+def test_on_device_frechet_distance_with_fewer_samples_than_dims(n):
+  """N <= D: the covariance is rank-deficient; the N x N form stays exact in float32 where the (D, D) eigh form
+  sums the square roots of rounding noise."""
+  a, b = _features(n, 256, 8), _features(400, 256, 9)
+  sb = FeatureStats.of(b)
+  want = metrics.frechet_distance(FeatureStats.of(a), sb)
+  f32 = lambda x: jnp.asarray(x, jnp.float32)
+  got = float(jax.jit(metrics.frechet_distance_of_features_on_device)(f32(a), f32(sb.mu), f32(sb.sigma)))
+  err = abs(got - want) / abs(want)
+  assert err <= 1e-5, f"on-device FD from {n} features {got} vs scipy {want}: {err:.2e}"

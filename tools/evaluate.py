@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import pathlib
 import sys
 
@@ -27,17 +26,13 @@ import numpy as np  # noqa: E402
 
 from dit_jax.cli import ArgumentParser, fail  # noqa: E402
 
-INCEPTION_ENV = "DIT_JAX_INCEPTION"
-HOW_TO_CONVERT = ("convert pytorch-fid's pt_inception-2015-12-05-6726825d.pth (or torch-fidelity's "
-                  "weights-inception-2015-12-05-6726825d.pth) with tools/convert_torch.py FILE DIR and pass "
-                  f"--inception DIR or set {INCEPTION_ENV}")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
   p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("ref_batch", help="reference batch .npz (or, with --make-reference, the images to take)")
   p.add_argument("sample_batch", help="sample batch .npz or shard folder (with --make-reference: the output .npz)")
-  p.add_argument("--inception", default=None, help=f"converted Inception checkpoint (default ${INCEPTION_ENV})")
+  p.add_argument("--inception", default=None, help="converted Inception checkpoint (default $DIT_JAX_INCEPTION)")
   p.add_argument("--batch-size", type=int, default=64, help="images per Inception batch")
   p.add_argument("--json", default=None, help="where to write the numbers (default SAMPLE_BATCH.metrics.json)")
   p.add_argument("--no-cache", action="store_true", help="do not cache / resume the sample features")
@@ -45,25 +40,6 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--image-size", type=int, default=256, help="--make-reference: ADM centre crop size")
   p.add_argument("--num", type=int, default=10_000, help="--make-reference: images to take (file order)")
   return p.parse_args(argv)
-
-
-def load_inception(path: str | None):
-  import dit_jax
-  from dit_jax.checkpoint import CheckpointError
-  from dit_jax.eval.inception import InceptionV3
-
-  path = path or os.environ.get(INCEPTION_ENV)
-  if not path:
-    raise ValueError(f"no Inception checkpoint: {HOW_TO_CONVERT}")
-  if not pathlib.Path(path).is_dir():
-    raise FileNotFoundError(f"Inception checkpoint {path} not found: {HOW_TO_CONVERT}")
-  try:
-    model = dit_jax.load(path)
-  except CheckpointError as e:
-    raise ValueError(f"{path} is not an Inception checkpoint ({str(e).splitlines()[0]}): {HOW_TO_CONVERT}") from None
-  if not isinstance(model, InceptionV3):
-    raise ValueError(f"{path} is not an Inception checkpoint ({type(model).__name__}): {HOW_TO_CONVERT}")
-  return model
 
 
 def _progress(label: str):
@@ -104,12 +80,12 @@ def run(args: argparse.Namespace) -> str:
     if out.suffix != ".npz":
       raise ValueError(f"the reference batch to write must end in .npz, got {out.name}")
     images = reference_images(args.ref_batch, args.image_size, args.num)
-    model = load_inception(args.inception)
+    model = evaluator.load_inception(args.inception)
     evaluator.reference_from_images(model, images, args.batch_size).save(out)
     return f"wrote {out} ({len(images)} images with their pool3 / spatial statistics)"
   ref = evaluator.ReferenceBatch.load(args.ref_batch)
   sample = evaluator.read_images(args.sample_batch, "sample batch")
-  model = load_inception(args.inception)
+  model = evaluator.load_inception(args.inception)
   base = pathlib.Path(args.sample_batch)
   cache = None if args.no_cache else base.with_name(base.name + ".inception.npz")
   numbers = evaluator.evaluate(model, ref, sample, batch_size=args.batch_size, sample_cache=cache,

@@ -101,9 +101,10 @@ class TextEmbeddings:
     s = self._shards[k]
     return {"context": np.asarray(s["context"][r], np.float32), "pooled": np.asarray(s["pooled"][r], np.float32)}
 
-  def rows(self, n: int) -> dict[str, np.ndarray]:
-    """The first n rows as a cond dict {"context": (n, L, Dc), "pooled": (n, Dp)} (e.g. for a sample grid)."""
-    items = [self[i % self.num_examples] for i in range(n)]
+  def rows(self, n: int, start: int = 0) -> dict[str, np.ndarray]:
+    """n rows from ``start`` (cycled) as a cond dict {"context": (n, L, Dc), "pooled": (n, Dp)} (e.g. for a
+    sample grid)."""
+    items = [self[i % self.num_examples] for i in range(start, start + n)]
     return {k: np.stack([it[k] for it in items]) for k in ("context", "pooled")}
 
 

@@ -25,6 +25,30 @@ from dit_jax.eval.metrics import FeatureStats
 
 FEATURES = ("pool3", "spatial", "logits")
 STAT_KEYS = ("mu", "sigma", "mu_s", "sigma_s")
+INCEPTION_ENV = "DIT_JAX_INCEPTION"
+HOW_TO_CONVERT = ("convert pytorch-fid's pt_inception-2015-12-05-6726825d.pth (or torch-fidelity's "
+                  "weights-inception-2015-12-05-6726825d.pth) with tools/convert_torch.py FILE DIR and pass "
+                  f"its DIR (or set {INCEPTION_ENV})")
+
+
+def load_inception(path: str | os.PathLike | None):
+  """The converted FID Inception at ``path`` (default ``$DIT_JAX_INCEPTION``); one-line errors saying how to
+  convert one."""
+  from dit_jax.checkpoint import CheckpointError, load
+  from dit_jax.eval.inception import InceptionV3
+
+  path = path or os.environ.get(INCEPTION_ENV)
+  if not path:
+    raise ValueError(f"no Inception checkpoint: {HOW_TO_CONVERT}")
+  if not pathlib.Path(path).is_dir():
+    raise FileNotFoundError(f"Inception checkpoint {path} not found: {HOW_TO_CONVERT}")
+  try:
+    model = load(path)
+  except CheckpointError as e:
+    raise ValueError(f"{path} is not an Inception checkpoint ({str(e).splitlines()[0]}): {HOW_TO_CONVERT}") from None
+  if not isinstance(model, InceptionV3):
+    raise ValueError(f"{path} is not an Inception checkpoint ({type(model).__name__}): {HOW_TO_CONVERT}")
+  return model
 
 
 def read_images(path: str | os.PathLike, what: str) -> np.ndarray:
@@ -49,6 +73,25 @@ def read_images(path: str | os.PathLike, what: str) -> np.ndarray:
     raise ValueError(f"{what} {path.name}: arr_0 must be (N, H, W, 3) uint8 images, got {images.shape} "
                      f"{images.dtype}")
   return images
+
+
+def read_pool3_stats(path: str | os.PathLike) -> FeatureStats | None:
+  """A reference batch's stored pool3 ``mu`` / ``sigma`` (float64) without reading its images; None when absent."""
+  path = pathlib.Path(path)
+  if not path.is_file():
+    raise FileNotFoundError(f"reference batch {path} not found")
+  try:
+    with np.load(path, allow_pickle=False) as data:
+      if not {"mu", "sigma"} <= set(data.files):
+        return None
+      stats = FeatureStats(np.asarray(data["mu"], np.float64), np.asarray(data["sigma"], np.float64))
+  except (OSError, EOFError, ValueError) as e:
+    raise ValueError(f"reference batch {path.name} is not a readable .npz ({str(e).splitlines()[0]})") from None
+  d = stats.mu.shape
+  if stats.mu.ndim != 1 or stats.sigma.shape != d * 2:
+    raise ValueError(f"reference batch {path.name}: mu {stats.mu.shape} and sigma {stats.sigma.shape} are not "
+                     "(D,) and (D, D)")
+  return stats
 
 
 @dataclasses.dataclass

@@ -10,7 +10,9 @@ covariances when the root is not finite, and refused when its diagonal has an im
 exp(mean KL(p(y|x) || p(y))) per split, averaged over splits; precision / recall with the k = 3 manifold (radius:
 the 4th-smallest squared distance, the point itself included), membership ``<=``, blocks of 10,000, distances in
 float16 unless a block overflows (then float32). :func:`frechet_distance_on_device` is an eigh-based Fréchet
-distance for the training loop (float32 on the devices; no host round trip of the covariances).
+distance for the training loop (float32 on the devices; no host round trip of the covariances), and
+:func:`frechet_distance_of_features_on_device` its form from the features themselves, exact also when there are
+fewer samples than dimensions.
 """
 from __future__ import annotations
 
@@ -74,6 +76,26 @@ def frechet_distance_on_device(mu1: jax.Array, sigma1: jax.Array, mu2: jax.Array
   tr_covmean = jnp.sum(jnp.sqrt(jnp.clip(jnp.linalg.eigvalsh((m + m.T) / 2), 0)))
   diff = mu1 - mu2
   return jnp.dot(diff, diff, precision=hi) + jnp.trace(sigma1) + jnp.trace(sigma2) - 2 * tr_covmean
+
+
+def frechet_distance_of_features_on_device(x: jax.Array, mu2: jax.Array, sigma2: jax.Array) -> jax.Array:
+  """The Fréchet distance between features ``x`` (N, D) and (mu2, sigma2), float32 on the devices (jittable).
+
+  With N <= D the features' covariance S1 = Xc^T Xc / (N - 1) has rank < N, and the eigenvalues of
+  sqrt(S1) S2 sqrt(S1) are mostly rounding noise whose square roots add up; so tr sqrt(S1 S2) is taken from the
+  N x N matrix Xc S2 Xc^T / (N - 1), whose eigenvalues are exactly the nonzero ones of S1 S2. N > D: the (D, D)
+  covariance and :func:`frechet_distance_on_device`.
+  """
+  hi = jax.lax.Precision.HIGHEST
+  n, d = x.shape
+  mu1 = x.mean(axis=0)
+  xc = x - mu1
+  if n > d:
+    return frechet_distance_on_device(mu1, jnp.matmul(xc.T, xc, precision=hi) / (n - 1), mu2, sigma2)
+  a = jnp.matmul(jnp.matmul(xc, sigma2, precision=hi), xc.T, precision=hi) / (n - 1)
+  tr_covmean = jnp.sum(jnp.sqrt(jnp.clip(jnp.linalg.eigvalsh((a + a.T) / 2), 0)))
+  diff = mu1 - mu2
+  return jnp.dot(diff, diff, precision=hi) + jnp.sum(xc * xc) / (n - 1) + jnp.trace(sigma2) - 2 * tr_covmean
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:

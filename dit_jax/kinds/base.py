@@ -102,8 +102,9 @@ class Kind:
     """How a training run is conditioned, recorded in the workdir's metadata (None: nothing to record)."""
     return None
 
-  def grid_cond(self, config: ml_collections.ConfigDict, model: nnx.Module, num: int):
-    """What the training loop's sample grid is conditioned on."""
+  def grid_cond(self, config: ml_collections.ConfigDict, model: nnx.Module, num: int, start: int = 0):
+    """What the training loop's sample grid (and, from ``start`` on, its evaluation batches) is conditioned on:
+    ``num`` rows of a fixed sequence."""
     self._cannot("be sampled")
 
   def grid_sample_kwargs(self, config: ml_collections.ConfigDict) -> dict:

@@ -71,9 +71,9 @@ class DiTKind(Kind):
   def flops(self, cfg: DiTConfig, batch) -> float:
     return flops_per_image(cfg)
 
-  def grid_cond(self, config, model: DiT, num: int) -> np.ndarray:
-    """Labels 0, 1, ... cycled over the classes."""
-    return np.arange(num) % model.config.num_classes
+  def grid_cond(self, config, model: DiT, num: int, start: int = 0) -> np.ndarray:
+    """Labels start, start + 1, ... cycled over the classes (so evaluation batches are class-balanced)."""
+    return np.arange(start, start + num) % model.config.num_classes
 
   def prepare_sample(self, cfg: DiTConfig, cond, *, method, shift, flow_convention, negative=None,
                      skip_layer_guidance=None, latent_size=None, guidance=None, schedule=None) -> SampleSpec:

@@ -158,12 +158,13 @@ class MMDiTKind(Kind):
     return data.ClassTokens(int(num_classes), d.class_token_length, **self.loader_kwargs(config),
                             seed=d.class_token_seed).spec()
 
-  def grid_cond(self, config, model: MMDiT, num: int) -> dict[str, np.ndarray]:
-    """The first ``num`` rows of the text embeddings, or the class tokens of labels 0, 1, ..."""
+  def grid_cond(self, config, model: MMDiT, num: int, start: int = 0) -> dict[str, np.ndarray]:
+    """``num`` rows of the text embeddings from row ``start`` (cycled), or the class tokens of labels start,
+    start + 1, ..."""
     if config.data.conditioning == "text":
-      return data.TextEmbeddings(config.data.text_folder).rows(num)
+      return data.TextEmbeddings(config.data.text_folder).rows(num, start)
     tokens = data.class_tokens_from_spec(self.conditioning_meta(config))
-    return tokens(np.arange(num) % tokens.num_classes)
+    return tokens(np.arange(start, start + num) % tokens.num_classes)
 
   def prepare_sample(self, cfg: MMDiTConfig, cond, *, method, shift, flow_convention, negative=None,
                      skip_layer_guidance=None, latent_size=None, guidance=None, schedule=None) -> SampleSpec:

@@ -165,3 +165,28 @@ def pytorch_fid_file(path, seed: int = 1) -> dict[str, torch.Tensor]:
   state = net.state_dict()
   torch.save(state, path)
   return state
+
+
+def random_inception(image_size: int = 299, seed: int = 0):
+  """dit_jax's InceptionV3 with random weights directly (no torch): He-scaled convolutions and fc, identity batch
+  norms. ``image_size`` 75 (the minimum) makes a cheap stand-in where only the pipeline around it is tested."""
+  import jax
+  import jax.numpy as jnp
+  from flax import nnx
+
+  from dit_jax.eval.inception import InceptionConfig, InceptionV3
+
+  config = InceptionConfig(image_size=image_size)
+  graphdef, state = nnx.split(nnx.eval_shape(lambda: InceptionV3(config, rngs=nnx.Rngs(0))))
+  rng = np.random.default_rng(seed)
+
+  def value(path, leaf):
+    names = {str(getattr(p, "key", getattr(p, "name", p))) for p in path}
+    if names & {"scale", "var"}:
+      return jnp.ones(leaf.shape, leaf.dtype)
+    if leaf.ndim < 2:
+      return jnp.zeros(leaf.shape, leaf.dtype)
+    fan_in = int(np.prod(leaf.shape[:-1]))
+    return jnp.asarray(rng.standard_normal(leaf.shape, np.float32) * np.sqrt(2.0 / fan_in))
+
+  return nnx.merge(graphdef, jax.tree_util.tree_map_with_path(value, state))

@@ -33,15 +33,19 @@ def device_env(devices: int, **extra) -> dict[str, str]:
               PYTHONPATH=str(REPO_ROOT), **extra)
 
 
-def main_in_process(script: str, argv, capsys) -> tuple[int, str]:
-  """Run ``<repo>/<script>``'s ``main(argv)`` in this process (fast: JAX already loaded); (exit code, stderr)."""
+def main_in_process(script: str, argv, capsys, stdout: list | None = None) -> tuple[int, str]:
+  """Run ``<repo>/<script>``'s ``main(argv)`` in this process (fast: JAX already loaded); (exit code, stderr).
+  ``stdout``: a list that receives the printed lines."""
   import importlib.util
 
   spec = importlib.util.spec_from_file_location(f"_cli_{script.replace('.', '_')}", REPO_ROOT / script)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   code = module.main([str(a) for a in argv])
-  return code, capsys.readouterr().err
+  out = capsys.readouterr()
+  if stdout is not None:
+    stdout.extend(out.out.splitlines())
+  return code, out.err
 
 
 def run_cli(script: str, *args, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:

@@ -54,7 +54,8 @@ def losses(workdir: pathlib.Path) -> dict[int, float]:
   out = {}
   for line in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines():
     row = json.loads(line)
-    out[row["step"]] = row["loss"]
+    if "loss" in row:  # not an evaluation's line
+      out[row["step"]] = row["loss"]
   return out
 
 
