@@ -6,9 +6,12 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from tests.helpers import REPO_ROOT
 
 
+@pytest.mark.slow  # four minutes of CPU compiles and torch reference runs for a script made for the GPU
 def test_gpu_bench_script_parses_and_its_dry_run_prints_one_row_per_measurement():
   script = REPO_ROOT / "bench/gpu.sh"
   assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
