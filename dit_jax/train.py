@@ -204,8 +204,9 @@ def write_sample_grid(config: ml_collections.ConfigDict, model: nnx.Module, work
   s = config.sample
   kind = kinds.get(config.model.kind)
   cond = kind.grid_cond(config, model, s.num)
-  latents = sample(model, cond, jax.random.key(config.seed), method=s.method, steps=s.steps, cfg_scale=s.cfg_scale,
-                   cfg_mode=s.cfg_mode, flow_convention=config.flow.convention, **kind.grid_sample_kwargs(config))
+  latents = sample(model, cond, jax.random.key(config.seed), method=s.method, steps=s.steps, cfg_mode=s.cfg_mode,
+                   flow_convention=config.flow.convention, **kind.guidance_kwargs(config, s.cfg_scale),
+                   **kind.grid_sample_kwargs(config))
   grid = sample_files.image_grid(sample_files.displayable(sample_files.to_uint8(jax.device_get(latents))))
   writer.write_images(step, {"samples": grid[None]})
   if jax.process_index() == 0:

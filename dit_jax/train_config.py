@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from dit_jax import data, kinds
+from dit_jax import data, distill, kinds
 from dit_jax.diffusion.objectives import OBJECTIVES
 from dit_jax.eval.loop import eval_checks
 from dit_jax.models.config import check_all
@@ -26,7 +26,8 @@ def default_config() -> ml_collections.ConfigDict:
   # below (Kind.train_section).
   c.model = ml_collections.ConfigDict(dict(
       kind="dit", name="DiT-XL/2", input_size=32, in_channels=4, num_classes=1000, learn_sigma=True,
-      class_dropout_prob=0.1, hidden_size=0, depth=0, num_heads=0, patch_size=0, mlp_ratio=4.0))
+      class_dropout_prob=0.1, hidden_size=0, depth=0, num_heads=0, patch_size=0, mlp_ratio=4.0,
+      guidance_embed=False, interval_embed=False))
   for kind in kinds.KINDS.values():
     if kind.train_section:
       c[kind.train_section] = kind.train_defaults()
@@ -43,6 +44,12 @@ def default_config() -> ml_collections.ConfigDict:
   # tokens N = H W / 4 from base_shift at 256 tokens to max_shift at 4096 (FLUX.1's dynamic shift, as its sampler).
   c.flow = ml_collections.ConfigDict(dict(t_sampler="uniform", loc=0.0, scale=1.0, mode_scale=1.29, shift=1.0,
                                           convention="sit", resolution_shift=False, base_shift=0.5, max_shift=1.15))
+
+  # Distillation objectives (dit_jax.distill): the frozen teacher, a dit_jax checkpoint or training workdir of the
+  # student's kind and shape (init_student: the student starts as the teacher); guidance_distill draws the
+  # guidance scale of each example from guidance_range.
+  c.teacher = ml_collections.ConfigDict(dict(checkpoint="", init_student=True))
+  c.distill = ml_collections.ConfigDict(dict(guidance_range=(1.0, 4.0)))
 
   c.optimizer = ml_collections.ConfigDict(dict(
       lr=1e-4, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, warmup_steps=0, schedule="constant", min_lr=0.0,
@@ -84,6 +91,22 @@ def _check_keys(config: ml_collections.ConfigDict, schema: ml_collections.Config
       _check_keys(value, schema[key], path + ".")
 
 
+def distill_checks(config: ml_collections.ConfigDict, kind) -> list[tuple[bool, str]]:
+  """(ok, message) pairs for the distillation objectives."""
+  if config.objective not in distill.OBJECTIVES:
+    return []
+  section = config[kind.train_section] if kind.train_section else config.model
+  lo, hi = (tuple(config.distill.guidance_range) + (None, None))[:2]
+  checks = [(kind.distillable, f"model.kind {kind.name!r} cannot be distilled (a DiT or an MMDiT student)"),
+            (bool(config.teacher.checkpoint), f"objective {config.objective!r} needs teacher.checkpoint")]
+  if config.objective == "guidance_distill":
+    checks += [(bool(section.get("guidance_embed")), "objective 'guidance_distill' needs a student with a guidance "
+                f"input: set {kind.train_section or 'model'}.guidance_embed=True"),
+               (len(config.distill.guidance_range) == 2 and 0 <= lo <= hi,
+                f"distill.guidance_range {list(config.distill.guidance_range)} must be (lo, hi), 0 <= lo <= hi")]
+  return checks
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
   """Raise a one-line ValueError for a key the schema does not define or an impossible value."""
   _check_keys(config, default_config())
@@ -92,7 +115,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
       (kind is not None and bool(kind.batch_ndims),
        f"model.kind {config.model.kind!r} is not one of "
        f"{', '.join(repr(k.name) for k in kinds.KINDS.values() if k.batch_ndims)}"),
-      (config.objective in OBJECTIVES, f"objective {config.objective!r} is not one of {', '.join(map(repr, OBJECTIVES))}"),
+      (config.objective in OBJECTIVES or config.objective in distill.OBJECTIVES,
+       f"objective {config.objective!r} is not one of {', '.join(map(repr, [*OBJECTIVES, *distill.OBJECTIVES]))}"),
       (config.compute_dtype in ("float32", "bfloat16"), f"compute_dtype {config.compute_dtype!r}"),
       (config.global_batch_size > 0 and config.total_steps > 0, "global_batch_size and total_steps must be > 0"),
       (config.grad_accum_steps > 0 and config.global_batch_size % config.grad_accum_steps == 0,
@@ -105,4 +129,5 @@ def validate(config: ml_collections.ConfigDict) -> None:
   check_all(checks, "invalid config")
   check_all(kind.train_checks(config), "invalid config")
   check_all(eval_checks(config), "invalid config")
+  check_all(distill_checks(config, kind), "invalid config")
   kind.model_config(config)  # the model config's own one-line errors (e.g. "invalid MMDiT config: ...")

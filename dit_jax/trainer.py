@@ -19,8 +19,9 @@ import numpy as np
 import optax
 from flax import nnx
 
-from dit_jax import kinds, parallel
+from dit_jax import distill, kinds, parallel
 from dit_jax.diffusion.objectives import OBJECTIVES
+from dit_jax.distill.teacher import Teacher, init_from_teacher
 from dit_jax.train_config import validate
 
 
@@ -64,8 +65,11 @@ def optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation
 
 
 def loss_fn(config: ml_collections.ConfigDict, model: nnx.Module, batch: dict[str, jax.Array],
-            key: jax.Array) -> jax.Array:
-  """Mean training loss of one batch: ``config.objective`` applied to the kind's network."""
+            key: jax.Array, teacher: nnx.Module | None = None) -> jax.Array:
+  """Mean training loss of one batch: ``config.objective`` applied to the kind's network (a distillation
+  objective: to the student and the frozen ``teacher``)."""
+  if config.objective in distill.OBJECTIVES:
+    return distill.OBJECTIVES[config.objective](config, kinds.get(config.model.kind), model, teacher, batch, key)
   x0 = batch["image"]
   k_t, k_noise, k_drop = jax.random.split(key, 3)
   noise = jax.random.normal(k_noise, x0.shape, jnp.float32)
@@ -94,15 +98,28 @@ class Trainer:
                                       nonfinite_run=scalar, nonfinite_total=scalar)
     self.model_config = abstract.config
     self.global_batch = config.global_batch_size
-    self._init = jax.jit(self._init_fn, out_shardings=(self.state_shardings, self.rest_shardings))
+    # the frozen teacher of a distillation objective (sharded like the student; an argument of every step)
+    self.teacher = Teacher.load(config, self.model_config, mesh) if config.objective in distill.OBJECTIVES else None
+    teacher_sh = None if self.teacher is None else parallel.shardings(self.teacher.state, mesh)
+    self._init = jax.jit(self._init_fn, in_shardings=(None, teacher_sh),
+                         out_shardings=(self.state_shardings, self.rest_shardings))
     self.batch_ndims = kinds.get(config.model.kind).batch_ndims
     batch_sh = {k: parallel.batch_sharding(mesh, ndim=n) for k, n in self.batch_ndims.items()}
-    self._step = jax.jit(self._step_fn, in_shardings=(self.state_shardings, self.rest_shardings, batch_sh),
+    self._step = jax.jit(self._step_fn, in_shardings=(self.state_shardings, self.rest_shardings, batch_sh,
+                                                      teacher_sh),
                          out_shardings=(self.state_shardings, scalar), donate_argnums=(0,))
 
-  def _init_fn(self, key: jax.Array):
+  @property
+  def _teacher_state(self):
+    return None if self.teacher is None else self.teacher.state
+
+  def _init_fn(self, key: jax.Array, teacher: nnx.State | None = None):
     model = build_model(self.config, nnx.Rngs(key))
     _, params, rest = nnx.split(model, nnx.Param, ...)
+    if teacher is not None and self.config.teacher.init_student:
+      if self.config.scan_layers:  # the student's blocks are stored stacked
+        teacher = kinds.get(self.config.model.kind).stack_blocks(self.teacher.config, teacher)
+      params = init_from_teacher(params, teacher)
     zero = jnp.zeros((), jnp.int32)
     state = TrainState(step=zero, params=params, opt_state=self.tx.init(params), ema=jax.tree.map(jnp.copy, params),
                        nonfinite_run=zero, nonfinite_total=zero)
@@ -110,21 +127,23 @@ class Trainer:
 
   def init(self) -> tuple[TrainState, nnx.State]:
     with jax.set_mesh(self.mesh):
-      return self._init(jax.random.key(self.config.seed))
+      return self._init(jax.random.key(self.config.seed), self._teacher_state)
 
   def abstract_state(self) -> tuple[TrainState, nnx.State]:
     """Shapes, dtypes and target shardings of (state, rest), for restoring onto this mesh."""
-    shapes = jax.eval_shape(self._init_fn, jax.random.key(0))
+    shapes = jax.eval_shape(self._init_fn, jax.random.key(0), self._teacher_state)
     with_sharding = lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh)
     return (jax.tree.map(with_sharding, shapes[0], self.state_shardings),
             jax.tree.map(with_sharding, shapes[1], self.rest_shardings))
 
-  def _step_fn(self, state: TrainState, rest: nnx.State, batch: dict[str, jax.Array]):
+  def _step_fn(self, state: TrainState, rest: nnx.State, batch: dict[str, jax.Array],
+               teacher: nnx.State | None = None):
     config = self.config
     key = jax.random.fold_in(jax.random.key(config.seed), state.step)
+    teacher = None if teacher is None else self.teacher.model(teacher)
 
     def loss_of(params, micro, k):
-      return loss_fn(config, nnx.merge(self.graphdef, params, rest), micro, k)
+      return loss_fn(config, nnx.merge(self.graphdef, params, rest), micro, k, teacher)
 
     accum = config.grad_accum_steps
     if accum == 1:
@@ -167,14 +186,16 @@ class Trainer:
                        f"{', '.join(self.batch_ndims)})")
     local = {k: batch[k] for k in self.batch_ndims}
     with jax.set_mesh(self.mesh):  # traced for the mesh's devices (attention picks its kernel from them)
-      return self._step(state, rest, parallel.global_batch(local, self.mesh))
+      return self._step(state, rest, parallel.global_batch(local, self.mesh), self._teacher_state)
 
   def lower_step(self, batch: dict[str, jax.ShapeDtypeStruct]) -> jax.stages.Lowered:
     """The step lowered for global ``batch`` shapes, ahead of time (no device memory; ``.compile()`` for a
     topology's devices works without them, as ``tools/plan.py`` does)."""
     state, rest = self.abstract_state()
     with jax.set_mesh(self.mesh):
-      return self._step.lower(state, rest, {k: batch[k] for k in self.batch_ndims})
+      teacher = None if self.teacher is None else jax.tree.map(
+          lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), self.teacher.state)
+      return self._step.lower(state, rest, {k: batch[k] for k in self.batch_ndims}, teacher)
 
   def ema_model(self, state: TrainState, rest: nnx.State) -> nnx.Module:
     return nnx.merge(self.graphdef, state.ema, rest)

@@ -37,15 +37,20 @@ def resolution_shift(config: ml_collections.ConfigDict, shape: tuple[int, ...]) 
   return math.exp(flow.dynamic_shift_mu(tokens, base_shift=f.base_shift, max_shift=f.max_shift))
 
 
+def training_sigmas(config: ml_collections.ConfigDict, key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+  """(B,) noise levels for (B, H, W, C) latents from ``config.flow``: the t-sampler, then the shift (or FLUX's
+  resolution shift)."""
+  f = config.flow
+  sigma = flow.sample_sigmas(key, (shape[0],), f.t_sampler, f.loc, f.scale, f.mode_scale)
+  shift = resolution_shift(config, shape) if f.resolution_shift else f.shift
+  return flow.shift_sigmas(sigma, shift) if shift != 1.0 else sigma
+
+
 def flow_loss(config: ml_collections.ConfigDict, net: NetFn, x0: jax.Array, noise: jax.Array,
               key: jax.Array) -> jax.Array:
   """Velocity MSE on the rectified-flow path; extra output channels (a learned sigma) are ignored."""
-  f = config.flow
-  conv = flow.CONVENTIONS[f.convention]
-  sigma = flow.sample_sigmas(key, (x0.shape[0],), f.t_sampler, f.loc, f.scale, f.mode_scale)
-  shift = resolution_shift(config, x0.shape) if f.resolution_shift else f.shift
-  if shift != 1.0:
-    sigma = flow.shift_sigmas(sigma, shift)
+  conv = flow.CONVENTIONS[config.flow.convention]
+  sigma = training_sigmas(config, key, x0.shape)
   pred = conv.to_sd3_velocity(net(flow.interpolate(x0, noise, sigma), conv.model_time(sigma))[..., :x0.shape[-1]])
   return jnp.mean((pred - flow.velocity_target(x0, noise)) ** 2)
 

@@ -29,10 +29,17 @@ from dit_jax.models.layers import TimestepEmbedder, linear, logical, normal_002
 Logits = jax.Array | Sequence[jax.Array]
 
 
+def _conv_init(key: jax.Array, shape: tuple[int, ...], dtype=jnp.float32) -> jax.Array:
+  """xavier-uniform for an HWIO kernel (fans scaled by the kernel area), drawn flat: a 4-D threefry draw
+  compiles about 5x slower on XLA:CPU."""
+  limit = math.sqrt(6 / (shape[0] * shape[1] * (shape[2] + shape[3])))
+  return jax.random.uniform(key, (math.prod(shape),), dtype, -limit, limit).reshape(shape)
+
+
 def _conv(c_in: int, c_out: int, kernel: int, rngs: nnx.Rngs, *, axes, dtype, param_dtype) -> nnx.Conv:
-  """Stride-1 'SAME' conv with an HWIO kernel named (None, None, *axes)."""
+  """Stride-1 'SAME' conv, xavier-uniform HWIO kernel named (None, None, *axes), zero bias."""
   return nnx.Conv(c_in, c_out, (kernel, kernel), padding="SAME", dtype=dtype, param_dtype=param_dtype, rngs=rngs,
-                  kernel_metadata=logical(None, None, *axes), bias_metadata=logical(axes[1]))
+                  kernel_init=_conv_init, kernel_metadata=logical(None, None, *axes), bias_metadata=logical(axes[1]))
 
 
 def _norm(channels: int, groups: int, rngs: nnx.Rngs, *, dtype, param_dtype) -> nnx.GroupNorm:

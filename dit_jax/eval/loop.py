@@ -142,9 +142,10 @@ class TrainingEvaluator:
     pool3, logits = [], []
     for i, begin in enumerate(range(0, self.num, self.batch)):
       cond = self.kind.grid_cond(self.config, model, self.batch, begin)
-      latents = sample(model, cond, jax.random.fold_in(key, i), method=s.method, steps=s.steps,
-                       cfg_scale=s.cfg_scale, cfg_mode=s.cfg_mode, flow_convention=self.config.flow.convention,
-                       mesh=self.mesh, **self.kind.grid_sample_kwargs(self.config))
+      latents = sample(model, cond, jax.random.fold_in(key, i), method=s.method, steps=s.steps, cfg_mode=s.cfg_mode,
+                       flow_convention=self.config.flow.convention, mesh=self.mesh,
+                       **self.kind.guidance_kwargs(self.config, s.cfg_scale),
+                       **self.kind.grid_sample_kwargs(self.config))
       images = self.decode(latents) if self.decode is not None else latents
       out = self.features(_to_rgb_uint8(images))
       pool3.append(out["pool3"])

@@ -32,6 +32,20 @@ class SampleSpec:
   schedule: Callable[[int], np.ndarray] | None = None  # steps -> (steps + 1,) sigmas (None: the method's default)
 
 
+def check_guidance(cfg, guidance) -> float:
+  """The guidance input of a guidance-distilled DiT / MMDiT: required there (the CFG scale it reproduces), refused
+  elsewhere; one-line errors."""
+  if not cfg.guidance_embed:
+    raise ValueError("guidance is the input of a guidance-distilled model (guidance_embed); this one is guided "
+                     "with cfg_scale")
+  if guidance is None:
+    raise ValueError("this model is guidance-distilled: pass guidance=g (the CFG scale it reproduces, one model "
+                     "call per step)")
+  if not np.isfinite(guidance) or guidance < 0:
+    raise ValueError(f"guidance must be a finite number >= 0, got {guidance}")
+  return float(guidance)
+
+
 class Kind:
   """One model kind. Subclasses set the class attributes and override what the kind supports; the defaults
   say in one line that the kind cannot do it."""
@@ -44,6 +58,7 @@ class Kind:
   batch_ndims: ClassVar[dict[str, int]] = {}  # training batch key -> ndim ({} = not trained)
   train_section: ClassVar[str | None] = None  # a training-config section of its own (e.g. "mmdit"), if any
   resolution_shift: ClassVar[bool] = False  # sampling takes shift="resolution" (the latent size's own shift)
+  distillable: ClassVar[bool] = False  # a student of dit_jax.distill's objectives (guidance / interval inputs)
 
   def build(self, config, *, rngs: nnx.Rngs, dtype, param_dtype, attention_impl: str = "auto",
             remat: str = "none", scan_layers: bool = False) -> nnx.Module:
@@ -81,8 +96,10 @@ class Kind:
     return []
 
   def network(self, config: ml_collections.ConfigDict, model: nnx.Module, batch: dict[str, jax.Array],
-              dropout_key: jax.Array) -> NetFn:
-    """How the training loss calls the model on one batch (conditioning dropout drawn from ``dropout_key``)."""
+              dropout_key: jax.Array | None, *, uncond: bool = False, **inputs) -> NetFn:
+    """How the training loss calls the model on one batch: conditioning dropout drawn from ``dropout_key`` (None:
+    no dropout), or ``uncond`` (the unconditional branch of classifier-free guidance); ``inputs`` are the model's
+    optional scalar inputs (``guidance``, ``interval``)."""
     self._cannot("be trained")
 
   def flops(self, config, batch: dict[str, np.ndarray]) -> float:
@@ -106,6 +123,14 @@ class Kind:
     """What the training loop's sample grid (and, from ``start`` on, its evaluation batches) is conditioned on:
     ``num`` rows of a fixed sequence."""
     self._cannot("be sampled")
+
+  def guidance_kwargs(self, config: ml_collections.ConfigDict, cfg_scale: float) -> dict:
+    """How the training loop's grids and evaluations guide at ``cfg_scale``: CFG, or, for a guidance-distilled
+    student (``guidance_embed`` in its section), the same scale as its guidance input with one call per step."""
+    section = config[self.train_section] if self.train_section else config.model
+    if section.get("guidance_embed", False):
+      return {"cfg_scale": 1.0, "guidance": cfg_scale}
+    return {"cfg_scale": cfg_scale}
 
   def grid_sample_kwargs(self, config: ml_collections.ConfigDict) -> dict:
     """``dit_jax.sample`` options of the training loop's sample grid beyond ``config.sample`` (default: the

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dit_jax.convert import dit_tables
-from dit_jax.kinds.base import Kind, SampleSpec
+from dit_jax.kinds.base import Kind, SampleSpec, check_guidance
 from dit_jax.models import dit as dit_model
 from dit_jax.models.dit import DiT, DiTConfig, dit_config, flops_per_image
 
@@ -31,6 +31,7 @@ class DiTKind(Kind):
   tables = dit_tables
   config = DiTConfig
   conditioning = "labels"
+  distillable = True
   batch_ndims = {"image": 4, "label": 1}
 
   def stack_blocks(self, cfg: DiTConfig, state):
@@ -47,7 +48,8 @@ class DiTKind(Kind):
     """A named config ('DiT-XL/2') with overrides, or every field of ``config.model`` (name '')."""
     m = config.model
     fields = dict(input_size=m.input_size, in_channels=m.in_channels, num_classes=m.num_classes,
-                  learn_sigma=m.learn_sigma, class_dropout_prob=m.class_dropout_prob, mlp_ratio=m.mlp_ratio)
+                  learn_sigma=m.learn_sigma, class_dropout_prob=m.class_dropout_prob, mlp_ratio=m.mlp_ratio,
+                  guidance_embed=m.guidance_embed, interval_embed=m.interval_embed)
     sizes = {k: m[k] for k in ("hidden_size", "depth", "num_heads", "patch_size") if m[k]}
     if m.name:
       return dit_config(m.name, **fields, **sizes)
@@ -59,9 +61,11 @@ class DiTKind(Kind):
         (config.data.conditioning == "label", "model.kind 'dit' is conditioned on labels (data.conditioning 'label')"),
     ]
 
-  def network(self, config, model: DiT, batch, dropout_key):
-    """Label dropout to the null class with ``class_dropout_prob``, inside the model."""
-    return lambda x, t: model(x, t, batch["label"], dropout_key=dropout_key).astype(jnp.float32)
+  def network(self, config, model: DiT, batch, dropout_key, *, uncond: bool = False, **inputs):
+    """Label dropout to the null class with ``class_dropout_prob``, inside the model (no ``dropout_key``: none;
+    ``uncond``: every label the null class); ``inputs``: guidance / interval."""
+    labels = jnp.full_like(batch["label"], model.config.null_class) if uncond else batch["label"]
+    return lambda x, t: model(x, t, labels, dropout_key=dropout_key, **inputs).astype(jnp.float32)
 
   def example_batch(self, config, batch_size: int, context_length: int | None = None):
     cfg = self.model_config(config)
@@ -83,18 +87,23 @@ class DiTKind(Kind):
                         ("latent_size", latent_size)):
       if value is not None:
         raise ValueError(f"{name} is for MMDiT models; a DiT takes class labels and its fixed input size")
-    for name, value in (("guidance", guidance), ("schedule", schedule)):
-      if value is not None:
-        raise ValueError(f"{name} is for FLUX models; a DiT is guided with cfg_scale")
+    if schedule is not None:
+      raise ValueError("schedule is for FLUX models")
     if isinstance(cond, Mapping):
       raise ValueError("a DiT is conditioned on (B,) class labels, not a text-embedding mapping")
     labels = np.asarray(cond)
     check_labels(labels, cfg.num_classes)
     labels = labels.astype(np.int32)
-    return SampleSpec(cond=labels, uncond=np.full_like(labels, cfg.num_classes),
+    cond, uncond = labels, np.full_like(labels, cfg.num_classes)
+    if cfg.guidance_embed or guidance is not None:  # a guidance-distilled DiT: g is an input, one call per step
+      g = np.full(labels.shape, check_guidance(cfg, guidance), np.float32)
+      cond, uncond = {"label": cond, "guidance": g}, {"label": uncond, "guidance": g}
+    return SampleSpec(cond=cond, uncond=uncond,
                       latent_shape=(labels.shape[0], cfg.input_size, cfg.input_size, cfg.in_channels),
                       method=method or "ddpm", shift=1.0 if shift is None else shift,
                       flow_convention=flow_convention or "sit")
 
   def sample_network(self, model: DiT, skip_layers: tuple[int, ...] = ()):
+    if model.config.guidance_embed:
+      return lambda x, t, c: model(x, t, c["label"], guidance=c["guidance"])
     return lambda x, t, y: model(x, t, y)

@@ -13,7 +13,7 @@ from dit_jax import data
 from dit_jax.diffusion import flow, vp
 from dit_jax.diffusion.guidance import SkipLayerGuidance
 from dit_jax.convert import mmdit_tables
-from dit_jax.kinds.base import Kind, SampleSpec
+from dit_jax.kinds.base import Kind, SampleSpec, check_guidance
 from dit_jax.models import mmdit as mmdit_model
 from dit_jax.models.mmdit import MMDiT, MMDiTConfig, flops_per_sample
 
@@ -85,6 +85,7 @@ class MMDiTKind(Kind):
   tables = mmdit_tables
   config = MMDiTConfig
   conditioning = "text"
+  distillable = True
   batch_ndims = {"image": 4, "context": 3, "pooled": 2}
   train_section = "mmdit"
 
@@ -105,15 +106,15 @@ class MMDiTKind(Kind):
     return ml_collections.ConfigDict(dict(
         sample_size=32, patch_size=2, in_channels=4, num_layers=12, attention_head_dim=64, num_attention_heads=12,
         joint_attention_dim=768, caption_projection_dim=768, pooled_projection_dim=768, out_channels=4,
-        pos_embed_max_size=32, qk_norm="", dual_attention_layers=()))
+        pos_embed_max_size=32, qk_norm="", dual_attention_layers=(), guidance_embed=False, interval_embed=False))
 
   def model_config(self, config) -> MMDiTConfig:
     return MMDiTConfig(**{**config.mmdit, "qk_norm": config.mmdit.qk_norm or None})
 
   def train_checks(self, config) -> list[tuple[bool, str]]:
     return [
-        (config.objective == "flow" and config.flow.convention == "sd3",
-         "model.kind 'mmdit' trains with objective 'flow' and flow.convention 'sd3'"),
+        (config.objective != "vp" and config.flow.convention == "sd3",
+         "model.kind 'mmdit' trains with a flow objective and flow.convention 'sd3'"),
         (config.data.conditioning in ("text", "class_tokens"),
          f"model.kind 'mmdit' needs data.conditioning 'text' or 'class_tokens', not {config.data.conditioning!r}"),
         (0.0 <= config.cond_dropout_prob <= 1.0, f"cond_dropout_prob {config.cond_dropout_prob} is not in [0, 1]"),
@@ -121,12 +122,16 @@ class MMDiTKind(Kind):
          f"an MMDiT samples with a flow method (e.g. 'euler'), not sample.method {config.sample.method!r}"),
     ]
 
-  def network(self, config, model: MMDiT, batch, dropout_key):
-    """Each example's context and pooled are zeroed together with probability ``cond_dropout_prob``."""
-    keep = jax.random.bernoulli(dropout_key, 1.0 - config.cond_dropout_prob, (batch["image"].shape[0],))
+  def network(self, config, model: MMDiT, batch, dropout_key, *, uncond: bool = False, **inputs):
+    """Each example's context and pooled are zeroed together with probability ``cond_dropout_prob`` (no
+    ``dropout_key``: kept; ``uncond``: all zeroed, the sampler's default negative); ``inputs``: guidance /
+    interval."""
+    keep = jnp.zeros((batch["image"].shape[0],), bool) if uncond else \
+        jnp.ones((batch["image"].shape[0],), bool) if dropout_key is None else \
+        jax.random.bernoulli(dropout_key, 1.0 - config.cond_dropout_prob, (batch["image"].shape[0],))
     context = jnp.where(keep[:, None, None], batch["context"], 0.0)
     pooled = jnp.where(keep[:, None], batch["pooled"], 0.0)
-    return lambda x, t: model(x, t, context, pooled).astype(jnp.float32)
+    return lambda x, t: model(x, t, context, pooled, **inputs).astype(jnp.float32)
 
   def example_batch(self, config, batch_size: int, context_length: int | None = None):
     """Latents of ``sample_size``; ``context_length`` text tokens (default 333: SD3's 77 CLIP + 256 T5)."""
@@ -169,9 +174,8 @@ class MMDiTKind(Kind):
   def prepare_sample(self, cfg: MMDiTConfig, cond, *, method, shift, flow_convention, negative=None,
                      skip_layer_guidance=None, latent_size=None, guidance=None, schedule=None) -> SampleSpec:
     """Text embeddings against ``negative`` (default zeros); Euler with the SD3 convention and shift 3 by default."""
-    for name, value in (("guidance", guidance), ("schedule", schedule)):
-      if value is not None:
-        raise ValueError(f"{name} is for FLUX models; an MMDiT is guided with cfg_scale")
+    if schedule is not None:
+      raise ValueError("schedule is for FLUX models")
     method = method or "euler"
     if method in vp.METHODS:
       raise ValueError(f"an MMDiT is a flow model: method {method!r} is VP-only; use one of "
@@ -179,6 +183,9 @@ class MMDiTKind(Kind):
     if flow_convention not in (None, "sd3"):
       raise ValueError(f"an MMDiT uses the sd3 flow convention, not {flow_convention!r}")
     cond, uncond = check_text_cond(cfg, cond, negative)
+    if cfg.guidance_embed or guidance is not None:  # a guidance-distilled MMDiT: g is an input
+      g = np.full((cond["context"].shape[0],), check_guidance(cfg, guidance), np.float32)
+      cond, uncond = {**cond, "guidance": g}, {**uncond, "guidance": g[:len(uncond["pooled"])]}
     slg = SkipLayerGuidance.parse(skip_layer_guidance)
     if slg is not None and not all(0 <= i < cfg.num_layers for i in slg.layers):
       raise ValueError(f"skip_layer_guidance layers {list(slg.layers)} outside the model's blocks "
@@ -191,4 +198,4 @@ class MMDiTKind(Kind):
     return check_latent_size(cfg, latent_size)
 
   def sample_network(self, model: MMDiT, skip_layers: tuple[int, ...] = ()):
-    return lambda x, t, c: model(x, t, c["context"], c["pooled"], skip_layers=skip_layers)
+    return lambda x, t, c: model(x, t, c["context"], c["pooled"], skip_layers=skip_layers, guidance=c.get("guidance"))

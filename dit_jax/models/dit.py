@@ -43,6 +43,8 @@ class DiTConfig(JsonConfig):
   freq_shift: float = 0.0
   attn_norm_eps: float = 1e-6
   mlp_norm_eps: float = 1e-6
+  guidance_embed: bool = False  # a guidance input g (guidance distillation; FLUX.1 [dev]'s design)
+  interval_embed: bool = False  # a second time input, the interval t - r (MeanFlow's average velocity)
 
   def __post_init__(self):
     checks = [
@@ -151,6 +153,9 @@ class DiT(nnx.Module):
     self.t_embedder = layers.TimestepEmbedder(cfg.hidden_size, rngs, freq_shift=cfg.freq_shift, **kw)
     self.y_embedder = layers.LabelEmbedder(cfg.num_classes, cfg.hidden_size, cfg.class_dropout_prob, rngs,
                                            param_dtype=param_dtype)
+    self.guidance_embedder, self.interval_embedder = layers.scalar_embedders(
+        cfg.hidden_size, rngs, guidance=cfg.guidance_embed, interval=cfg.interval_embed, freq_shift=cfg.freq_shift,
+        **kw)
     table = layers.sincos_2d(cfg.hidden_size, cfg.grid_size, cfg.grid_size)
     self.pos_embed = FrozenParam(jnp.asarray(table, dtype=param_dtype), **layers.logical(None, "embed"))
     blocks = [DiTBlock(cfg, rngs, attention_impl=attention_impl, **kw) for _ in range(cfg.depth)]
@@ -158,12 +163,16 @@ class DiT(nnx.Module):
     self.final_layer = FinalLayer(cfg, rngs, **kw)
 
   def condition(self, t: jax.Array, y: jax.Array, dropout_key: jax.Array | None = None,
-                force_drop_ids: jax.Array | None = None) -> jax.Array:
-    """c = t_embedder(t) + y_embedder(y): (B, D)."""
-    return self.t_embedder(t) + self.y_embedder(y, dropout_key, force_drop_ids).astype(self.dtype)
+                force_drop_ids: jax.Array | None = None, guidance: jax.Array | None = None,
+                interval: jax.Array | None = None) -> jax.Array:
+    """c = t_embedder(t) + y_embedder(y) [+ guidance_embedder(1000 g)] [+ interval_embedder(interval)]: (B, D)."""
+    c = self.t_embedder(t) + self.y_embedder(y, dropout_key, force_drop_ids).astype(self.dtype)
+    return layers.add_scalar_inputs(c, {"guidance": self.guidance_embedder, "interval": self.interval_embedder},
+                                    {"guidance": guidance, "interval": interval})
 
   def __call__(self, x: jax.Array, t: jax.Array, y: jax.Array, *, dropout_key: jax.Array | None = None,
-               force_drop_ids: jax.Array | None = None) -> jax.Array:
+               force_drop_ids: jax.Array | None = None, guidance: jax.Array | None = None,
+               interval: jax.Array | None = None) -> jax.Array:
     """Predict eps (and the learned variance) for noisy latents.
 
     Args:
@@ -172,6 +181,8 @@ class DiT(nnx.Module):
       y: (B,) int class ids; ``config.num_classes`` = null class.
       dropout_key: PRNG key enabling training-time label dropout (``class_dropout_prob``).
       force_drop_ids: (B,) ints; where 1 the label is replaced by the null class.
+      guidance: (B,) or scalar guidance scale g, embedded as 1000 g (``guidance_embed`` models only).
+      interval: (B,) second time, the interval t - r in model-time units (``interval_embed`` models only).
     Returns:
       (B, H, W, out_channels) in the compute dtype.
     """
@@ -181,7 +192,7 @@ class DiT(nnx.Module):
       raise ValueError(f"DiT expects input (B, {cfg.input_size}, {cfg.input_size}, {cfg.in_channels}) NHWC, "
                        f"got {tuple(x.shape)}")
     tokens = self.x_embedder(x.astype(self.dtype)) + self.pos_embed[...].astype(self.dtype)
-    cond = self.condition(t, y, dropout_key, force_drop_ids)
+    cond = self.condition(t, y, dropout_key, force_drop_ids, guidance, interval)
     tokens = self.run_blocks(tokens, cond)
     tokens = self.final_layer(tokens, cond)
     return unpatchify(tokens, cfg.patch_size, cfg.out_channels, cfg.grid_size, cfg.grid_size)

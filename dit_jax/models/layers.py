@@ -164,19 +164,48 @@ class PatchEmbed(nnx.Module):
 
 
 class TimestepEmbedder(nnx.Module):
-  """t (B,) -> sinusoidal features (B, 256) -> MLP [Linear, SiLU, Linear] -> (B, D)."""
+  """t (B,) -> sinusoidal features (B, 256) -> MLP [Linear, SiLU, Linear] -> (B, D). ``zero_out``: the last
+  Linear starts at zero (an added input that leaves a pretrained model unchanged until trained)."""
 
   def __init__(self, hidden_size: int, rngs: nnx.Rngs, *, freq_dim: int = 256, freq_shift: float = 0.0,
-               dtype, param_dtype):
+               zero_out: bool = False, dtype, param_dtype):
     self.freq_dim = freq_dim
     self.freq_shift = freq_shift
     kw = dict(dtype=dtype, param_dtype=param_dtype, kernel_init=normal_002)
     self.fc1 = linear(freq_dim, hidden_size, rngs, axes=(None, "embed"), **kw)
-    self.fc2 = linear(hidden_size, hidden_size, rngs, axes=("embed", None), **kw)
+    self.fc2 = linear(hidden_size, hidden_size, rngs, axes=("embed", None),
+                      **{**kw, "kernel_init": zeros if zero_out else normal_002})
 
   def __call__(self, t: jax.Array) -> jax.Array:
     features = timestep_embedding(t, self.freq_dim, freq_shift=self.freq_shift)
     return self.fc2(nnx.silu(self.fc1(features)))
+
+
+SCALAR_INPUTS = {"guidance": 1000.0, "interval": 1.0}  # name -> factor before the sinusoidal embedding
+
+
+def scalar_embedders(hidden_size: int, rngs: nnx.Rngs, *, guidance: bool, interval: bool, freq_shift: float,
+                     dtype, param_dtype) -> tuple[TimestepEmbedder | None, TimestepEmbedder | None]:
+  """The optional (guidance, interval) embedders of a DiT / MMDiT, their last Linear zero so that adding them to a
+  pretrained model changes nothing until they are trained."""
+  make = lambda on: TimestepEmbedder(hidden_size, rngs, freq_shift=freq_shift, zero_out=True, dtype=dtype,
+                                     param_dtype=param_dtype) if on else None
+  return make(guidance), make(interval)
+
+
+def add_scalar_inputs(c: jax.Array, embedders: dict[str, TimestepEmbedder | None], values: dict) -> jax.Array:
+  """c (B, D) + embedder(factor * value) for each scalar input (``SCALAR_INPUTS``) the model has: guidance g
+  (FLUX.1's 1000 g), the MeanFlow interval; one-line errors for an input given to a model without its embedder
+  and the reverse."""
+  for name, embedder in embedders.items():
+    value = values.get(name)
+    if (embedder is None) != (value is None):
+      raise ValueError(f"this model {'takes' if value is None else 'has no'} a {name} input "
+                       f"(config.{name}_embed={embedder is not None})")
+    if embedder is not None:
+      value = jnp.broadcast_to(jnp.asarray(value, jnp.float32), c.shape[:1])
+      c = c + embedder(SCALAR_INPUTS[name] * value).astype(c.dtype)
+  return c
 
 
 class LabelEmbedder(nnx.Module):

@@ -49,6 +49,8 @@ class MMDiTConfig(JsonConfig):
   pos_embed_max_size: int = 96
   qk_norm: str | None = None
   dual_attention_layers: tuple[int, ...] = ()
+  guidance_embed: bool = False  # a guidance input g (guidance distillation; FLUX.1 [dev]'s design)
+  interval_embed: bool = False  # a second time input, the interval t - r (MeanFlow's average velocity)
 
   def __post_init__(self):
     object.__setattr__(self, "dual_attention_layers", tuple(int(i) for i in self.dual_attention_layers))
@@ -234,18 +236,25 @@ class MMDiT(nnx.Module):
     self.pos_embed = FrozenParam(jnp.asarray(table, dtype=param_dtype), **layers.logical(None, "embed"))
     self.t_embedder = layers.TimestepEmbedder(d, rngs, freq_shift=0.0, **kw)
     self.y_embedder = VectorEmbedder(cfg.pooled_projection_dim, d, rngs, **kw)
+    self.guidance_embedder, self.interval_embedder = layers.scalar_embedders(
+        d, rngs, guidance=cfg.guidance_embed, interval=cfg.interval_embed, freq_shift=0.0, **kw)
     self.context_embedder = layers.linear(cfg.joint_attention_dim, cfg.caption_projection_dim, rngs,
                                           axes=(None, "embed"), **kw)
     blocks = [JointBlock(cfg, i, rngs, attention_impl=attention_impl, **kw) for i in range(cfg.num_layers)]
     self.joint_blocks = layers.stack_runs(blocks, block_runs(cfg)) if scan_layers else nnx.List(blocks)
     self.final_layer = FinalLayer(cfg, rngs, **kw)
 
-  def condition(self, t: jax.Array, pooled: jax.Array) -> jax.Array:
-    """c = t_embedder(t) + y_embedder(pooled): (B, D)."""
-    return self.t_embedder(t).astype(self.dtype) + self.y_embedder(pooled.astype(self.dtype))
+  def condition(self, t: jax.Array, pooled: jax.Array, guidance: jax.Array | None = None,
+                interval: jax.Array | None = None) -> jax.Array:
+    """c = t_embedder(t) + y_embedder(pooled) [+ guidance_embedder(1000 g)] [+ interval_embedder(interval)]:
+    (B, D)."""
+    c = self.t_embedder(t).astype(self.dtype) + self.y_embedder(pooled.astype(self.dtype))
+    return layers.add_scalar_inputs(c, {"guidance": self.guidance_embedder, "interval": self.interval_embedder},
+                                    {"guidance": guidance, "interval": interval})
 
   def __call__(self, x: jax.Array, t: jax.Array, context: jax.Array, pooled: jax.Array,
-               skip_layers: tuple[int, ...] = ()) -> jax.Array:
+               skip_layers: tuple[int, ...] = (), *, guidance: jax.Array | None = None,
+               interval: jax.Array | None = None) -> jax.Array:
     cfg = self.config
     _, h, w, ch = x.shape
     p = cfg.patch_size
@@ -255,7 +264,7 @@ class MMDiT(nnx.Module):
     gh, gw = h // p, w // p
     pos = crop_pos_embed(self.pos_embed[...], cfg.pos_embed_max_size, gh, gw)
     tokens = self.x_embedder(x.astype(self.dtype)) + pos.astype(self.dtype)[None]
-    c = self.condition(t, pooled)
+    c = self.condition(t, pooled, guidance, interval)
     ctx = self.context_embedder(context.astype(self.dtype))
     tokens, _ = self.run_blocks(tokens, ctx, c, skip_layers)
     tokens = self.final_layer(tokens, c)
