@@ -112,11 +112,11 @@ class DiscriminatorHead(nnx.Module):
       raise ValueError(f"t_hat must be ({b},), got {tuple(t_hat.shape)}")
     h, w = _grid(t, grid)
     lrelu = lambda v: jax.nn.leaky_relu(v, 0.2)
+    cmap = self.cmap(self.embed(t_hat, cond)).astype(jnp.float32)                 # (B, cmap_dim)
     x = x.astype(self.dtype).reshape(b, h, w, d)                                  # (B, h, w, D)
     x = lrelu(self.norm_in(self.conv_in(x)))                                      # (B, h, w, C)
     x = (x + lrelu(self.norm_res(self.conv_res(x)))) / math.sqrt(2)               # (B, h, w, C)
     feat = self.conv_out(x).astype(jnp.float32)                                   # (B, h, w, cmap_dim)
-    cmap = self.cmap(self.embed(t_hat, cond)).astype(jnp.float32)                 # (B, cmap_dim)
     return jnp.einsum("bhwc,bc->bhw", feat, cmap) / math.sqrt(self.cmap_dim)
 
 
@@ -199,7 +199,8 @@ def approx_r1(d_fn: Callable[[list[jax.Array]], Logits], real_features: Sequence
   Gradients flow through both terms. ``d_fn`` maps a list of (B, T, D) features to logits (one array or a list).
   """
   keys = jax.random.split(key, len(real_features))
-  noisy = [f + sigma * jax.random.normal(k, f.shape, f.dtype) for f, k in zip(real_features, keys)]
+  noisy = [f + sigma * jax.random.normal(k, (f.size,), f.dtype).reshape(f.shape)  # flat: see _conv_init
+           for f, k in zip(real_features, keys)]
   return sum(jnp.mean(jnp.square(a - b)) for a, b in zip(_heads(d_fn(list(real_features))), _heads(d_fn(noisy)),
                                                          strict=True))
 
