@@ -48,8 +48,13 @@ def default_config() -> ml_collections.ConfigDict:
   # Distillation objectives (dit_jax.distill): the frozen teacher, a dit_jax checkpoint or training workdir of the
   # student's kind and shape (init_student: the student starts as the teacher); guidance_distill draws the
   # guidance scale of each example from guidance_range.
+  # meanflow: (t, r) from the max / min of two logit-normal(loc, scale) draws, r = t for equal_fraction of the batch,
+  # weight 1 / sg(err + c)^p; velocity 'data' (noise - x0) or 'teacher' (its CFG velocity at scale guidance).
   c.teacher = ml_collections.ConfigDict(dict(checkpoint="", init_student=True))
-  c.distill = ml_collections.ConfigDict(dict(guidance_range=(1.0, 4.0)))
+  c.distill = ml_collections.ConfigDict(dict(
+      guidance_range=(1.0, 4.0),
+      meanflow=ml_collections.ConfigDict(dict(t_sampler="logit_normal", loc=-0.4, scale=1.0, equal_fraction=0.75,
+                                              p=1.0, c=0.01, velocity="data", guidance=1.0))))
 
   c.optimizer = ml_collections.ConfigDict(dict(
       lr=1e-4, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, warmup_steps=0, schedule="constant", min_lr=0.0,
@@ -97,8 +102,19 @@ def distill_checks(config: ml_collections.ConfigDict, kind) -> list[tuple[bool, 
     return []
   section = config[kind.train_section] if kind.train_section else config.model
   lo, hi = (tuple(config.distill.guidance_range) + (None, None))[:2]
+  m = config.distill.meanflow
   checks = [(kind.distillable, f"model.kind {kind.name!r} cannot be distilled (a DiT or an MMDiT student)"),
-            (bool(config.teacher.checkpoint), f"objective {config.objective!r} needs teacher.checkpoint")]
+            (bool(config.teacher.checkpoint) or not distill.NEEDS_TEACHER[config.objective](config),
+             f"objective {config.objective!r} needs teacher.checkpoint")]
+  if config.objective == "meanflow":
+    checks += [(bool(section.get("interval_embed")), "objective 'meanflow' needs a student with an interval input: "
+                f"set {kind.train_section or 'model'}.interval_embed=True"),
+               (m.velocity in ("data", "teacher"), f"distill.meanflow.velocity {m.velocity!r} is not 'data' or "
+                                                   "'teacher'"),
+               (0 <= m.equal_fraction <= 1 and m.c > 0 and m.p >= 0 and m.guidance >= 0,
+                "distill.meanflow needs 0 <= equal_fraction <= 1, c > 0, p >= 0, guidance >= 0"),
+               (not config.flow.resolution_shift and config.flow.shift == 1.0,
+                "objective 'meanflow' samples its own (t, r): leave flow.shift at 1 and flow.resolution_shift off")]
   if config.objective == "guidance_distill":
     checks += [(bool(section.get("guidance_embed")), "objective 'guidance_distill' needs a student with a guidance "
                 f"input: set {kind.train_section or 'model'}.guidance_embed=True"),

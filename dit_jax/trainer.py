@@ -99,7 +99,8 @@ class Trainer:
     self.model_config = abstract.config
     self.global_batch = config.global_batch_size
     # the frozen teacher of a distillation objective (sharded like the student; an argument of every step)
-    self.teacher = Teacher.load(config, self.model_config, mesh) if config.objective in distill.OBJECTIVES else None
+    self.teacher = Teacher.load(config, self.model_config, mesh) if config.teacher.checkpoint and \
+        config.objective in distill.OBJECTIVES else None
     teacher_sh = None if self.teacher is None else parallel.shardings(self.teacher.state, mesh)
     self._init = jax.jit(self._init_fn, in_shardings=(None, teacher_sh),
                          out_shardings=(self.state_shardings, self.rest_shardings))

@@ -20,13 +20,13 @@ import numpy as np
 from flax import nnx
 
 from dit_jax import kinds
-from dit_jax.diffusion import flow, guidance, vp
+from dit_jax.diffusion import flow, guidance, meanflow, vp
 from dit_jax.diffusion.vp import GaussianDiffusion, create_diffusion
 
 VP_METHODS = vp.METHODS
-FLOW_METHODS = flow.METHODS
+FLOW_METHODS = flow.METHODS + ("meanflow",)
 METHODS = VP_METHODS + FLOW_METHODS
-DEFAULT_STEPS = {"ddpm": 250, "ddim": 50, "euler": 50, "heun": 25, "dpmpp_2m": 50, "dpmpp_2m_sd35": 50, "sde": 250}
+DEFAULT_STEPS = {"ddpm": 250, "ddim": 50, "euler": 50, "heun": 25, "dpmpp_2m": 50, "dpmpp_2m_sd35": 50, "sde": 250, "meanflow": 1}
 
 ModelFn = Callable[[jax.Array, jax.Array], jax.Array]  # (x (B,H,W,C), model time (B,)) -> (B,H,W,C_out)
 
@@ -158,9 +158,15 @@ def _compiled(graphdef, o: _Options):
         return ddpm(diffusion, model_fn, x, **noise_kw)
       return ddim(diffusion, model_fn, x, eta=o.eta, **noise_kw)
     conv = flow.CONVENTIONS[o.convention]
+    on_sigma = lambda f: (lambda x, sigma, c: f(x, conv.model_time(sigma), c))
+    if o.method == "meanflow":  # average velocity over each step: z_r = z_t - (t - r) u(z_t, r, t)
+      def u_fn(z, r, t):
+        step_net = kind.sample_network(model, interval=conv.time_scale * (t[0] - r[0]))
+        model_fn = guidance.guided(on_sigma(step_net), cond, uncond, o.cfg_scale, noise_level=lambda s: s, **kw)
+        return conv.to_sd3_velocity(model_fn(z, t)[..., :channels])
+      return meanflow.sample_steps(u_fn, x, o.steps)
     sigmas = jnp.asarray(np.asarray(o.sigmas, np.float32) if o.sigmas is not None
                          else flow_schedule(o.method, o.steps, o.shift, o.convention))
-    on_sigma = lambda f: (lambda x, sigma, c: f(x, conv.model_time(sigma), c))
     if o.slg is not None:
       window = jnp.asarray(o.slg.window(o.steps))
       # the step index of a schedule sigma: how many schedule entries lie above it (exact: same float32 values)

@@ -150,6 +150,7 @@ class Kind:
     """(h, w) latent pixels a sample of this model may have (``latent_size`` None: the default)."""
     self._cannot("take a latent size")
 
-  def sample_network(self, model: nnx.Module, skip_layers: tuple[int, ...] = ()):
-    """``f(x, t, cond)`` for the sampler (``skip_layers``: blocks left out, for skip-layer guidance)."""
+  def sample_network(self, model: nnx.Module, skip_layers: tuple[int, ...] = (), **inputs):
+    """``f(x, t, cond)`` for the sampler (``skip_layers``: blocks left out, for skip-layer guidance; ``inputs``:
+    the model's scalar inputs of this step, e.g. a MeanFlow model's ``interval``)."""
     self._cannot("be sampled")

@@ -103,7 +103,8 @@ class DiTKind(Kind):
                       method=method or "ddpm", shift=1.0 if shift is None else shift,
                       flow_convention=flow_convention or "sit")
 
-  def sample_network(self, model: DiT, skip_layers: tuple[int, ...] = ()):
+  def sample_network(self, model: DiT, skip_layers: tuple[int, ...] = (), **inputs):
+    """(x, t, cond) -> output; ``inputs``: the interval of an average-velocity (MeanFlow) step."""
     if model.config.guidance_embed:
-      return lambda x, t, c: model(x, t, c["label"], guidance=c["guidance"])
-    return lambda x, t, y: model(x, t, y)
+      return lambda x, t, c: model(x, t, c["label"], guidance=c["guidance"], **inputs)
+    return lambda x, t, y: model(x, t, y, **inputs)

@@ -197,5 +197,7 @@ class MMDiTKind(Kind):
   def check_latent_size(self, cfg: MMDiTConfig, latent_size) -> tuple[int, int]:
     return check_latent_size(cfg, latent_size)
 
-  def sample_network(self, model: MMDiT, skip_layers: tuple[int, ...] = ()):
-    return lambda x, t, c: model(x, t, c["context"], c["pooled"], skip_layers=skip_layers, guidance=c.get("guidance"))
+  def sample_network(self, model: MMDiT, skip_layers: tuple[int, ...] = (), **inputs):
+    """(x, t, cond) -> output; ``inputs``: the interval of an average-velocity (MeanFlow) step."""
+    return lambda x, t, c: model(x, t, c["context"], c["pooled"], skip_layers=skip_layers, guidance=c.get("guidance"),
+                                 **inputs)

@@ -200,8 +200,8 @@ def add_scalar_inputs(c: jax.Array, embedders: dict[str, TimestepEmbedder | None
   for name, embedder in embedders.items():
     value = values.get(name)
     if (embedder is None) != (value is None):
-      raise ValueError(f"this model {'takes' if value is None else 'has no'} a {name} input "
-                       f"(config.{name}_embed={embedder is not None})")
+      raise ValueError(f"this model takes a {name} input (config.{name}_embed=True)" if value is None else
+                       f"this model has no {name} input (config.{name}_embed=False)")
     if embedder is not None:
       value = jnp.broadcast_to(jnp.asarray(value, jnp.float32), c.shape[:1])
       c = c + embedder(SCALAR_INPUTS[name] * value).astype(c.dtype)
