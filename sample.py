@@ -69,8 +69,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                  "FLUX 128,128)")
   p.add_argument("--preset", default=None, help="MMDiT / FLUX sampling preset: NAME[:FLAVOUR] in configs/sampling, "
                  "or a .py")
-  p.add_argument("--guidance", type=float, default=None, help="FLUX.1 [dev]: the distilled guidance input (default "
-                 "3.5)")
+  p.add_argument("--guidance", type=float, default=None, help="the guidance input of a guidance-distilled model "
+                 "(FLUX.1 [dev]: default 3.5; a guidance-distilled DiT: default --cfg-scale, sampled with one call "
+                 "per step)")
   p.add_argument("--schedule", default=None, choices=["reference", "diffusers"],
                  help="FLUX: BFL's get_schedule or FluxPipeline's (default: the preset's, else diffusers)")
   p.add_argument("--method", default=None, help=f"one of {', '.join(METHODS)} (default: ddpm; euler for an MMDiT)")
@@ -139,7 +140,7 @@ def guidance_interval(text: str | None) -> tuple[float, float] | None:
 
 
 MMDIT_FLAGS = ("cond", "prompt", "prompts", "negative_prompt", "profile", "max_sequence_length", "latent_size", "preset",
-               "slg_layers", "slg_scale", "slg_start", "slg_stop", "guidance", "schedule")
+               "slg_layers", "slg_scale", "slg_start", "slg_stop", "schedule")
 COND_KEYS = {"context": "context", "pooled": "pooled", "negative_context": "context", "negative_pooled": "pooled"}
 
 
@@ -170,6 +171,16 @@ def run(args: argparse.Namespace) -> str:
   return RUNNERS[kind.conditioning](args, out)
 
 
+DISTILLED_METHODS = {"meanflow": "meanflow", "guidance_distill": "euler"}  # training objective -> default method
+
+
+def _objective(checkpoint: str) -> str | None:
+  """The objective a training workdir was trained with (None for a converted checkpoint)."""
+  from dit_jax.checkpoint import read_meta
+
+  return read_meta(checkpoint).get("training", {}).get("objective")
+
+
 def run_labels(args: argparse.Namespace, out: pathlib.Path) -> str:
   """A class-conditional model (DiT): a grid of --class-labels, or --num-samples into a resumable .npz."""
   given = [f"--{name.replace('_', '-')}" for name in MMDIT_FLAGS if getattr(args, name) is not None]
@@ -192,10 +203,15 @@ def run_labels(args: argparse.Namespace, out: pathlib.Path) -> str:
   if labels is not None:
     from dit_jax.kinds.dit import check_labels
     check_labels(labels, model.config.num_classes)
-  kw = dict(method=args.method or "ddpm", steps=args.steps, respacing=args.respacing,
-            cfg_scale=4.0 if args.cfg_scale is None else args.cfg_scale, cfg_mode=args.cfg_mode,
-            guidance_interval=interval, eta=args.eta, shift=1.0 if args.shift is None else args.shift,
-            flow_convention=args.flow_convention or "sit")
+  cfg_scale = 4.0 if args.cfg_scale is None else args.cfg_scale
+  kw = dict(method=args.method or DISTILLED_METHODS.get(_objective(args.checkpoint), "ddpm"), steps=args.steps,
+            respacing=args.respacing, cfg_scale=cfg_scale, cfg_mode=args.cfg_mode, guidance_interval=interval,
+            eta=args.eta, shift=1.0 if args.shift is None else args.shift, flow_convention=args.flow_convention or "sit")
+  if model.config.guidance_embed:  # guidance-distilled: the scale is an input, one call per step
+    kw.update(guidance=cfg_scale if args.guidance is None else args.guidance, cfg_scale=1.0)
+  elif args.guidance is not None:
+    raise ValueError("--guidance is the input of a guidance-distilled model (or FLUX.1 [dev]); this DiT is guided "
+                     "with --cfg-scale")
   out.parent.mkdir(parents=True, exist_ok=True)
   if out.suffix == ".png":
     images = sample_files.generate_batch(model, labels, args.seed, 0, decode, **kw)
