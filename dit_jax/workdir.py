@@ -20,6 +20,8 @@ def write_model_meta(workdir: pathlib.Path, config: ml_collections.ConfigDict, m
               "scan_layers": bool(config.scan_layers)}
   if conditioning is not None:
     training["conditioning"] = conditioning
+  if config.teacher.checkpoint:  # a distillation run: the frozen teacher it learns from
+    training["teacher"] = str(pathlib.Path(config.teacher.checkpoint).absolute())
   meta = {"format_version": checkpoint.FORMAT_VERSION, "kind": config.model.kind, "config": model_cfg.to_dict(),
           "training": training}
   path = workdir / checkpoint.META
