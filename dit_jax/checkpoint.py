@@ -7,6 +7,7 @@ leaves a half-written checkpoint and never destroys an existing one.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import pathlib
@@ -191,18 +192,17 @@ class Checkpoints:
   def save(self, step: int, state, rest: nnx.State, extra: dict) -> None:
     """Save a ``trainer.TrainState`` (async); an empty ``rest`` (a model without frozen tables) is not stored."""
     a = self.args
-    items = dict(train=a.StandardSave(state.replace(ema=None)), ema=a.StandardSave(state.ema),
-                 extra=a.JsonSave(extra))
+    items = dict(train=a.StandardSave(_train_item(state)), ema=a.StandardSave(state.ema), extra=a.JsonSave(extra))
     if jax.tree.leaves(rest):
       items["rest"] = a.StandardSave(rest)
     self.manager.save(step, args=a.Composite(**items), force=True)
 
   def restore(self, step: int, abstract_state, abstract_rest):
     a = self.args
-    items = dict(train=a.StandardRestore(abstract_state.replace(ema=None)), ema=a.StandardRestore(abstract_state.ema),
+    items = dict(train=a.StandardRestore(_train_item(abstract_state)), ema=a.StandardRestore(abstract_state.ema),
                  extra=a.JsonRestore())
     out = self.manager.restore(step, args=a.Composite(**items, **self._rest(abstract_rest)))
-    return out["train"].replace(ema=out["ema"]), out.get("rest", abstract_rest), out["extra"]
+    return abstract_state.replace(**{**out["train"], "ema": out["ema"]}), out.get("rest", abstract_rest), out["extra"]
 
   def restore_ema(self, step: int, abstract_params, abstract_rest):
     a = self.args
@@ -218,6 +218,17 @@ class Checkpoints:
 
   def close(self) -> None:
     self.manager.close()
+
+
+OPTIONAL_FIELDS = ("aux_params", "aux_opt_state")  # TrainState fields stored only when set (LADD's discriminator)
+
+
+def _train_item(state) -> dict:
+  """The 'train' item: the TrainState's fields as a dict, the EMA None (its own item), the optional fields only
+  when set, so the checkpoints of other objectives keep the layout written before those fields existed."""
+  item = {f.name: getattr(state, f.name) for f in dataclasses.fields(state)}
+  item["ema"] = None
+  return {k: v for k, v in item.items() if not (k in OPTIONAL_FIELDS and v is None)}
 
 
 def _load_training_ema(path: pathlib.Path, abstract: nnx.Module, stacked: nnx.Module | None) -> nnx.Module:

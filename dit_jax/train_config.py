@@ -50,11 +50,19 @@ def default_config() -> ml_collections.ConfigDict:
   # guidance scale of each example from guidance_range.
   # meanflow: (t, r) from the max / min of two logit-normal(loc, scale) draws, r = t for equal_fraction of the batch,
   # weight 1 / sg(err + c)^p; velocity 'data' (noise - x0) or 'teacher' (its CFG velocity at scale guidance).
+  # ladd (dit_jax.distill.ladd_objective): student times `times` drawn with `probs` (warm-up: (0, 0, .5, .5)), the
+  # renoising t̂ = sigmoid(renoise_loc + renoise_scale n); discriminator heads (head_channels, head_groups,
+  # cmap_dim) on the teacher blocks `layers` (() = the middle and last), loss 'hinge' | 'softplus', approximate R1
+  # (r1_weight, r1_sigma), its own Adam (d_lr constant, betas d_b1, d_b2; the student's grad_clip).
   c.teacher = ml_collections.ConfigDict(dict(checkpoint="", init_student=True))
   c.distill = ml_collections.ConfigDict(dict(
       guidance_range=(1.0, 4.0),
       meanflow=ml_collections.ConfigDict(dict(t_sampler="logit_normal", loc=-0.4, scale=1.0, equal_fraction=0.75,
-                                              p=1.0, c=0.01, velocity="data", guidance=1.0))))
+                                              p=1.0, c=0.01, velocity="data", guidance=1.0)),
+      ladd=ml_collections.ConfigDict(dict(times=(1.0, 0.75, 0.5, 0.25), probs=(0.7, 0.1, 0.1, 0.1),
+                                          renoise_loc=1.0, renoise_scale=1.0, layers=(), loss="hinge",
+                                          r1_weight=1.0, r1_sigma=0.1, d_lr=1e-4, d_b1=0.0, d_b2=0.99,
+                                          head_channels=256, head_groups=32, cmap_dim=64))))
 
   c.optimizer = ml_collections.ConfigDict(dict(
       lr=1e-4, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, warmup_steps=0, schedule="constant", min_lr=0.0,
@@ -115,12 +123,40 @@ def distill_checks(config: ml_collections.ConfigDict, kind) -> list[tuple[bool, 
                 "distill.meanflow needs 0 <= equal_fraction <= 1, c > 0, p >= 0, guidance >= 0"),
                (not config.flow.resolution_shift and config.flow.shift == 1.0,
                 "objective 'meanflow' samples its own (t, r): leave flow.shift at 1 and flow.resolution_shift off")]
+  if config.objective == "ladd":
+    checks += _ladd_checks(config, kind, section)
   if config.objective == "guidance_distill":
     checks += [(bool(section.get("guidance_embed")), "objective 'guidance_distill' needs a student with a guidance "
                 f"input: set {kind.train_section or 'model'}.guidance_embed=True"),
                (len(config.distill.guidance_range) == 2 and 0 <= lo <= hi,
                 f"distill.guidance_range {list(config.distill.guidance_range)} must be (lo, hi), 0 <= lo <= hi")]
   return checks
+
+
+def _ladd_checks(config: ml_collections.ConfigDict, kind, section) -> list[tuple[bool, str]]:
+  l = config.distill.ladd
+  try:
+    cfg = kind.model_config(config)
+  except (TypeError, ValueError):
+    cfg = None  # validate reports the model config's own error
+  depth = getattr(cfg, "depth", getattr(cfg, "num_layers", None))
+  layers = list(l.layers)
+  return [
+      (not section.get("guidance_embed") and not section.get("interval_embed"),
+       "objective 'ladd' trains a plain student: leave guidance_embed and interval_embed off"),
+      (len(l.times) == len(l.probs) > 0 and all(0 < t <= 1 for t in l.times),
+       f"distill.ladd.times {list(l.times)} must be noise levels in (0, 1], one per entry of probs"),
+      (min(l.probs, default=-1) >= 0 and abs(sum(l.probs) - 1) < 1e-6,
+       f"distill.ladd.probs {list(l.probs)} must be non-negative and sum to 1"),
+      ((depth is None or all(0 <= i < depth for i in layers)) and len(set(layers)) == len(layers),
+       f"distill.ladd.layers {layers} must be distinct teacher block indices in 0..{(depth or 1) - 1}"),
+      (l.loss in ("hinge", "softplus"), f"distill.ladd.loss {l.loss!r} is not 'hinge' or 'softplus'"),
+      (l.r1_weight >= 0 and l.r1_sigma >= 0 and l.renoise_scale >= 0,
+       "distill.ladd needs r1_weight, r1_sigma and renoise_scale >= 0"),
+      (l.d_lr > 0 and 0 <= l.d_b1 < 1 and 0 <= l.d_b2 < 1, "distill.ladd needs d_lr > 0 and d_b1, d_b2 in [0, 1)"),
+      (l.head_channels > 0 and l.cmap_dim > 0 and l.head_groups > 0 and l.head_channels % l.head_groups == 0,
+       f"distill.ladd.head_channels {l.head_channels} must be a positive multiple of head_groups {l.head_groups}"),
+  ]
 
 
 def validate(config: ml_collections.ConfigDict) -> None:

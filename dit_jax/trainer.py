@@ -33,6 +33,9 @@ class TrainState:
   ema: nnx.State
   nonfinite_run: jax.Array  # consecutive skipped updates
   nonfinite_total: jax.Array
+  # a second network an objective trains with its own optimizer (LADD's discriminator); None otherwise
+  aux_params: nnx.State | None = None
+  aux_opt_state: Any = None
 
 
 def model_config(config: ml_collections.ConfigDict):
@@ -64,6 +67,14 @@ def optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation
   return optax.chain(optax.clip_by_global_norm(o.grad_clip), adamw) if o.grad_clip > 0 else adamw
 
 
+def _opt_shardings(tx: optax.GradientTransformation, abstract_params: nnx.State, param_sh, mesh):
+  """Optimizer-state shardings: a parameter's moments as the parameter, everything else (counts) replicated."""
+  opt_abstract = jax.eval_shape(tx.init, abstract_params)
+  return optax.tree_map_params(tx, lambda _, s: s, opt_abstract, param_sh,
+                               transform_non_params=lambda _: parallel.replicated(mesh),
+                               is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
 def loss_fn(config: ml_collections.ConfigDict, model: nnx.Module, batch: dict[str, jax.Array],
             key: jax.Array, teacher: nnx.Module | None = None) -> jax.Array:
   """Mean training loss of one batch: ``config.objective`` applied to the kind's network (a distillation
@@ -89,14 +100,21 @@ class Trainer:
     self.graphdef, abstract_params, abstract_rest = nnx.split(abstract, nnx.Param, ...)
     param_sh = parallel.shardings(abstract_params, mesh)
     self.rest_shardings = parallel.shardings(abstract_rest, mesh)
-    opt_abstract = jax.eval_shape(self.tx.init, abstract_params)
-    opt_sh = optax.tree_map_params(self.tx, lambda _, s: s, opt_abstract, param_sh,
-                                   transform_non_params=lambda _: parallel.replicated(mesh),
-                                   is_leaf=lambda x: isinstance(x, nnx.Variable))
-    scalar = parallel.replicated(mesh)
-    self.state_shardings = TrainState(step=scalar, params=param_sh, opt_state=opt_sh, ema=param_sh,
-                                      nonfinite_run=scalar, nonfinite_total=scalar)
     self.model_config = abstract.config
+    # an objective's second network (LADD's discriminator): parameters only, sharded from their logical names
+    self.aux = distill.AUXILIARY.get(config.objective)
+    aux_sh = aux_opt_sh = None
+    if self.aux is not None:
+      self.aux_tx = self.aux.optimizer(config)
+      abstract_aux = nnx.eval_shape(lambda: self.aux.build(config, self.model_config, nnx.Rngs(0)))
+      self.aux_graphdef, abstract_aux_params = nnx.split(abstract_aux, nnx.Param)
+      aux_sh = parallel.shardings(abstract_aux_params, mesh)
+      aux_opt_sh = _opt_shardings(self.aux_tx, abstract_aux_params, aux_sh, mesh)
+    scalar = parallel.replicated(mesh)
+    self.state_shardings = TrainState(step=scalar, params=param_sh,
+                                      opt_state=_opt_shardings(self.tx, abstract_params, param_sh, mesh),
+                                      ema=param_sh, nonfinite_run=scalar, nonfinite_total=scalar, aux_params=aux_sh,
+                                      aux_opt_state=aux_opt_sh)
     self.global_batch = config.global_batch_size
     # the frozen teacher of a distillation objective (sharded like the student; an argument of every step)
     self.teacher = Teacher.load(config, self.model_config, mesh) if config.teacher.checkpoint and \
@@ -121,9 +139,14 @@ class Trainer:
       if self.config.scan_layers:  # the student's blocks are stored stacked
         teacher = kinds.get(self.config.model.kind).stack_blocks(self.teacher.config, teacher)
       params = init_from_teacher(params, teacher)
+    aux_params = aux_opt_state = None
+    if self.aux is not None:
+      aux = self.aux.build(self.config, self.model_config, nnx.Rngs(jax.random.fold_in(key, 1)))
+      _, aux_params = nnx.split(aux, nnx.Param)
+      aux_opt_state = self.aux_tx.init(aux_params)
     zero = jnp.zeros((), jnp.int32)
     state = TrainState(step=zero, params=params, opt_state=self.tx.init(params), ema=jax.tree.map(jnp.copy, params),
-                       nonfinite_run=zero, nonfinite_total=zero)
+                       nonfinite_run=zero, nonfinite_total=zero, aux_params=aux_params, aux_opt_state=aux_opt_state)
     return state, rest
 
   def init(self) -> tuple[TrainState, nnx.State]:
@@ -146,25 +169,41 @@ class Trainer:
     def loss_of(params, micro, k):
       return loss_fn(config, nnx.merge(self.graphdef, params, rest), micro, k, teacher)
 
+    def grads_of(params, aux_params, micro, k):
+      """(loss, the objective's own metrics, grads, the second network's grads) of one (micro-)batch."""
+      if self.aux is not None:
+        return self.aux.grads(config, kinds.get(config.model.kind), lambda p: nnx.merge(self.graphdef, p, rest),
+                              params, lambda p: nnx.merge(self.aux_graphdef, p), aux_params, teacher, micro, k)
+      loss, grads = jax.value_and_grad(loss_of)(params, micro, k)
+      return loss, {}, grads, None
+
     accum = config.grad_accum_steps
     if accum == 1:
-      loss, grads = jax.value_and_grad(loss_of)(state.params, batch, key)
+      loss, aux_metrics, grads, aux_grads = grads_of(state.params, state.aux_params, batch, key)
     else:
       micro = jax.tree.map(lambda a: a.reshape(accum, a.shape[0] // accum, *a.shape[1:]), batch)
 
       def add(carry, inputs):
         i, mb = inputs
-        l, g = jax.value_and_grad(loss_of)(state.params, mb, jax.random.fold_in(key, i))
-        return jax.tree.map(jnp.add, carry, (l, g)), None
+        out = grads_of(state.params, state.aux_params, mb, jax.random.fold_in(key, i))
+        return jax.tree.map(jnp.add, carry, out), None
 
-      zeros = (jnp.zeros(()), jax.tree.map(jnp.zeros_like, state.params))
-      (loss, grads), _ = jax.lax.scan(add, zeros, (jnp.arange(accum), micro))
-      loss, grads = loss / accum, jax.tree.map(lambda g: g / accum, grads)
+      shapes = jax.eval_shape(grads_of, state.params, state.aux_params, jax.tree.map(lambda a: a[0], micro), key)
+      zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+      total, _ = jax.lax.scan(add, zeros, (jnp.arange(accum), micro))
+      loss, aux_metrics, grads, aux_grads = jax.tree.map(lambda g: g / accum, total)
     grad_norm = optax.global_norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    if self.aux is not None:  # both networks' losses and gradients must be finite
+      aux_metrics = {**aux_metrics, "aux_grad_norm": optax.global_norm(aux_grads)}
+      finite = finite & jnp.all(jnp.isfinite(jnp.stack(jax.tree.leaves(aux_metrics))))
     live = state.nonfinite_run < config.nonfinite_abort_after  # else halted: the host raises at its next read
     updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    aux_params, aux_opt_state = state.aux_params, state.aux_opt_state
+    if self.aux is not None:
+      aux_updates, aux_opt_state = self.aux_tx.update(aux_grads, state.aux_opt_state, state.aux_params)
+      aux_params = optax.apply_updates(state.aux_params, aux_updates)
     d = config.ema_decay
     ema = jax.tree.map(lambda e, p: d * e + (1 - d) * p, state.ema, params)
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite & live, n, o), new, old)
@@ -173,10 +212,11 @@ class Trainer:
         step=state.step + live.astype(jnp.int32), params=keep(params, state.params),
         opt_state=keep(opt_state, state.opt_state), ema=keep(ema, state.ema),
         nonfinite_run=jnp.where(live & finite, 0, state.nonfinite_run + skipped),
-        nonfinite_total=state.nonfinite_total + skipped)
+        nonfinite_total=state.nonfinite_total + skipped, aux_params=keep(aux_params, state.aux_params),
+        aux_opt_state=keep(aux_opt_state, state.aux_opt_state))
     lr = learning_rate(config)(state.step)
     metrics = {"loss": loss, "grad_norm": grad_norm, "lr": lr, "finite": finite.astype(jnp.float32),
-               "nonfinite_run": new_state.nonfinite_run, "nonfinite_total": new_state.nonfinite_total}
+               "nonfinite_run": new_state.nonfinite_run, "nonfinite_total": new_state.nonfinite_total, **aux_metrics}
     return new_state, metrics
 
   def step(self, state: TrainState, rest: nnx.State, batch: dict[str, np.ndarray]):

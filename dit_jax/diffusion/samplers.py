@@ -24,9 +24,11 @@ from dit_jax.diffusion import flow, guidance, meanflow, vp
 from dit_jax.diffusion.vp import GaussianDiffusion, create_diffusion
 
 VP_METHODS = vp.METHODS
-FLOW_METHODS = flow.METHODS + ("meanflow",)
+FLOW_METHODS = flow.METHODS + ("meanflow", "few_step", "few_step_euler")
 METHODS = VP_METHODS + FLOW_METHODS
-DEFAULT_STEPS = {"ddpm": 250, "ddim": 50, "euler": 50, "heun": 25, "dpmpp_2m": 50, "dpmpp_2m_sd35": 50, "sde": 250, "meanflow": 1}
+DEFAULT_STEPS = {"ddpm": 250, "ddim": 50, "euler": 50, "heun": 25, "dpmpp_2m": 50, "dpmpp_2m_sd35": 50, "sde": 250,
+                 "meanflow": 1, "few_step": 4, "few_step_euler": 4}
+FEW_STEP_SIGMAS = (1.0, 0.75, 0.5, 0.25)  # LADD's student noise levels (distill.ladd.times)
 
 ModelFn = Callable[[jax.Array, jax.Array], jax.Array]  # (x (B,H,W,C), model time (B,)) -> (B,H,W,C_out)
 
@@ -81,6 +83,32 @@ def ddim(diffusion: GaussianDiffusion, model_fn: ModelFn, x: jax.Array, *, eta: 
     return mean + (i != 0) * sigma * _noise_at(k, x.shape, x.dtype, step_noise, key)
 
   return jax.lax.fori_loop(0, n, step, x)
+
+
+def few_step_sigmas(steps: int) -> np.ndarray:
+  """(steps + 1,) sigmas of a LADD student: the first ``steps`` of FEW_STEP_SIGMAS, then 0 (steps = 1: [1, 0])."""
+  if not 1 <= steps <= len(FEW_STEP_SIGMAS):
+    raise ValueError(f"few-step sampling takes 1..{len(FEW_STEP_SIGMAS)} steps (LADD's noise levels "
+                     f"{FEW_STEP_SIGMAS}), got {steps}")
+  return np.asarray(FEW_STEP_SIGMAS[:steps] + (0.0,), np.float32)
+
+
+def few_step(velocity, x: jax.Array, sigmas: jax.Array, *, renoise: bool = True, step_noise=None,
+             key=None) -> jax.Array:
+  """A one-step denoiser used for a few steps: at each sigma x̂0 = x - sigma v(x, sigma); the next x is x̂0
+  renoised to the next sigma, (1 - s') x̂0 + s' n. ``renoise``: fresh noise n (consistency-model / LADD-style
+  sampling, what the student saw in training); otherwise the model's own noise estimate x + (1 - sigma) v, which
+  is the Euler step on the same sigmas (deterministic). Returns x̂0 of the last step."""
+  steps = sigmas.shape[0] - 1
+
+  def step(k, x):
+    sigma = jnp.full((x.shape[0],), sigmas[k], x.dtype)
+    v = velocity(x, sigma)
+    x0 = x - sigmas[k] * v
+    noise = _noise_at(k, x.shape, x.dtype, step_noise, key) if renoise else x + (1 - sigmas[k]) * v
+    return jnp.where(k + 1 < steps, flow.interpolate(x0, noise, sigmas[k + 1]), x0)
+
+  return jax.lax.fori_loop(0, steps, step, x)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -165,6 +193,11 @@ def _compiled(graphdef, o: _Options):
         model_fn = guidance.guided(on_sigma(step_net), cond, uncond, o.cfg_scale, noise_level=lambda s: s, **kw)
         return conv.to_sd3_velocity(model_fn(z, t)[..., :channels])
       return meanflow.sample_steps(u_fn, x, o.steps)
+    if o.method in ("few_step", "few_step_euler"):  # a LADD student: x̂0 at each of its noise levels
+      model_fn = guidance.guided(on_sigma(net), cond, uncond, o.cfg_scale, noise_level=lambda s: s, **kw)
+      velocity = lambda x, sigma: conv.to_sd3_velocity(model_fn(x, sigma)[..., :channels])
+      return few_step(velocity, x, jnp.asarray(few_step_sigmas(o.steps)), renoise=o.method == "few_step",
+                      step_noise=step_noise, key=key)
     sigmas = jnp.asarray(np.asarray(o.sigmas, np.float32) if o.sigmas is not None
                          else flow_schedule(o.method, o.steps, o.shift, o.convention))
     if o.slg is not None:
@@ -207,7 +240,10 @@ def sample(model: nnx.Module, cond, key: jax.Array | None = None, *, method: str
       L, joint_attention_dim), "pooled": (B, pooled_projection_dim)}, or prompt strings with ``encoders``.
     key: PRNG key for the initial latent and per-step noise (not needed when both are given).
     method: 'ddpm' | 'ddim' (VP, eps models; DiT only) or 'euler' | 'heun' | 'dpmpp_2m' | 'dpmpp_2m_sd35' | 'sde'
-      (flow; schedules in :func:`flow_schedule`). Default: 'ddpm' for a DiT, 'euler' for an MMDiT.
+      (flow; schedules in :func:`flow_schedule`); 'meanflow' (an interval-input model, 1-2 steps); 'few_step' (a
+      LADD student, 1-4 steps: x̂0 at sigmas :data:`FEW_STEP_SIGMAS`, renoised with fresh noise from ``key``) or
+      'few_step_euler' (deterministic Euler on those sigmas), see :func:`few_step`. Default: 'ddpm' for a DiT,
+      'euler' for an MMDiT.
     steps: sampling steps. For VP, N respaces like the original scripts (``create_diffusion(str(N))``);
       ``respacing`` ('250', 'a,b,c' or 'ddim50') overrides it. Defaults: DEFAULT_STEPS.
     cfg_scale: classifier-free guidance scale, out = u + s (c - u) (1 = none: one conditional pass; diffusers'
@@ -254,13 +290,15 @@ def sample(model: nnx.Module, cond, key: jax.Array | None = None, *, method: str
   if not spec.shift > 0:  # also NaN; a shift <= 0 turns the flow schedule into garbage (all-zero images)
     raise ValueError(f"shift must be > 0, got {spec.shift}")
   steps = steps or DEFAULT_STEPS[method]
+  if method in ("few_step", "few_step_euler"):
+    few_step_sigmas(steps)  # 1..4 steps
   if method in VP_METHODS:
     num = create_diffusion(respacing or str(steps)).num_timesteps
   else:
     num = steps
   if step_noise is not None and step_noise.shape[0] != num:
     raise ValueError(f"step_noise has {step_noise.shape[0]} steps, the sampler takes {num}")
-  draws_noise = method in ("ddpm", "sde") or (method == "ddim" and eta > 0)
+  draws_noise = method in ("ddpm", "sde", "few_step") or (method == "ddim" and eta > 0)
   if key is None:
     if noise is None or (draws_noise and step_noise is None):
       raise ValueError(f"{method} needs a PRNG key (or an initial latent `noise` and, if stochastic, `step_noise`)")

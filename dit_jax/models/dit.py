@@ -7,6 +7,7 @@ config fields (``freq_shift``, ``mlp_norm_eps``); :data:`CONVENTIONS` holds both
 from __future__ import annotations
 
 import dataclasses
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -187,20 +188,42 @@ class DiT(nnx.Module):
       (B, H, W, out_channels) in the compute dtype.
     """
     cfg = self.config
-    b, h, w, c = x.shape
-    if (h, w, c) != (cfg.input_size, cfg.input_size, cfg.in_channels):
-      raise ValueError(f"DiT expects input (B, {cfg.input_size}, {cfg.input_size}, {cfg.in_channels}) NHWC, "
-                       f"got {tuple(x.shape)}")
-    tokens = self.x_embedder(x.astype(self.dtype)) + self.pos_embed[...].astype(self.dtype)
+    tokens = self.embed(x)
     cond = self.condition(t, y, dropout_key, force_drop_ids, guidance, interval)
     tokens = self.run_blocks(tokens, cond)
     tokens = self.final_layer(tokens, cond)
     return unpatchify(tokens, cfg.patch_size, cfg.out_channels, cfg.grid_size, cfg.grid_size)
 
+  def embed(self, x: jax.Array) -> jax.Array:
+    """Patch tokens plus the sin-cos table: (B, H, W, C) -> (B, T, D) in the compute dtype."""
+    cfg = self.config
+    _, h, w, c = x.shape
+    if (h, w, c) != (cfg.input_size, cfg.input_size, cfg.in_channels):
+      raise ValueError(f"DiT expects input (B, {cfg.input_size}, {cfg.input_size}, {cfg.in_channels}) NHWC, "
+                       f"got {tuple(x.shape)}")
+    return self.x_embedder(x.astype(self.dtype)) + self.pos_embed[...].astype(self.dtype)
+
   def run_blocks(self, tokens: jax.Array, cond: jax.Array) -> jax.Array:
     """All blocks, each optionally rematerialised (``remat``); stacked blocks (``scan_layers``) by one ``lax.scan``
     over the stored stack: (B, T, D) -> (B, T, D)."""
     return layers.run_blocks(self.blocks, lambda block, x: block(x, cond), tokens, remat=self.remat)
+
+  def features(self, x: jax.Array, t: jax.Array, y: jax.Array, block_ids: Sequence[int], *,
+               guidance: jax.Array | None = None, interval: jax.Array | None = None) -> list[jax.Array]:
+    """The token outputs (B, T, D) of the blocks ``block_ids`` (in that order; LADD's discriminator reads them),
+    conditioned without dropout; runs the blocks up to the last one asked for. Per-block layout only."""
+    if self.scan_layers:
+      raise ValueError("features needs the per-block layout (a model built with scan_layers=False)")
+    depth = self.config.depth
+    if not len(block_ids) or not all(0 <= int(i) < depth for i in block_ids):
+      raise ValueError(f"feature blocks {list(block_ids)} must be block indices in 0..{depth - 1}")
+    tokens = self.embed(x)                                                   # (B, T, D)
+    cond = self.condition(t, y, guidance=guidance, interval=interval)        # (B, D)
+    out = {}
+    for i in range(max(block_ids) + 1):
+      tokens = layers.apply_block(self.blocks[i], lambda block, x: block(x, cond), tokens, self.remat)
+      out[i] = tokens
+    return [out[i] for i in block_ids]
 
 
 def block_runs(cfg: DiTConfig) -> tuple[int, ...]:

@@ -12,6 +12,7 @@ All adaLN projections are stored in Stability's chunk order: (shift, scale) for 
 from __future__ import annotations
 
 import dataclasses
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -256,6 +257,16 @@ class MMDiT(nnx.Module):
                skip_layers: tuple[int, ...] = (), *, guidance: jax.Array | None = None,
                interval: jax.Array | None = None) -> jax.Array:
     cfg = self.config
+    tokens, (gh, gw) = self.embed(x)
+    c = self.condition(t, pooled, guidance, interval)
+    ctx = self.context_embedder(context.astype(self.dtype))
+    tokens, _ = self.run_blocks(tokens, ctx, c, skip_layers)
+    tokens = self.final_layer(tokens, c)
+    return unpatchify(tokens, cfg.patch_size, cfg.out_channels, gh, gw)
+
+  def embed(self, x: jax.Array) -> tuple[jax.Array, tuple[int, int]]:
+    """Patch tokens plus the centre-cropped sin-cos table: (B, H, W, C) -> ((B, N, D), token grid (H/p, W/p))."""
+    cfg = self.config
     _, h, w, ch = x.shape
     p = cfg.patch_size
     if ch != cfg.in_channels or h % p or w % p:
@@ -263,12 +274,26 @@ class MMDiT(nnx.Module):
                        f"got {tuple(x.shape)}")
     gh, gw = h // p, w // p
     pos = crop_pos_embed(self.pos_embed[...], cfg.pos_embed_max_size, gh, gw)
-    tokens = self.x_embedder(x.astype(self.dtype)) + pos.astype(self.dtype)[None]
-    c = self.condition(t, pooled, guidance, interval)
-    ctx = self.context_embedder(context.astype(self.dtype))
-    tokens, _ = self.run_blocks(tokens, ctx, c, skip_layers)
-    tokens = self.final_layer(tokens, c)
-    return unpatchify(tokens, p, cfg.out_channels, gh, gw)
+    return self.x_embedder(x.astype(self.dtype)) + pos.astype(self.dtype)[None], (gh, gw)
+
+  def features(self, x: jax.Array, t: jax.Array, context: jax.Array, pooled: jax.Array,
+               block_ids: Sequence[int], *, guidance: jax.Array | None = None,
+               interval: jax.Array | None = None) -> list[jax.Array]:
+    """The image-token outputs (B, N, D) of the joint blocks ``block_ids`` (in that order; LADD's discriminator
+    reads them); runs the blocks up to the last one asked for. Per-block layout only."""
+    if self.scan_layers:
+      raise ValueError("features needs the per-block layout (a model built with scan_layers=False)")
+    n = self.config.num_layers
+    if not len(block_ids) or not all(0 <= int(i) < n for i in block_ids):
+      raise ValueError(f"feature blocks {list(block_ids)} must be block indices in 0..{n - 1}")
+    tokens, _ = self.embed(x)                                                  # (B, N, D)
+    c = self.condition(t, pooled, guidance, interval)                          # (B, D)
+    carry = (tokens, self.context_embedder(context.astype(self.dtype)))        # + (B, L, D)
+    out = {}
+    for i in range(max(block_ids) + 1):
+      carry = layers.apply_block(self.joint_blocks[i], lambda block, carry: block(*carry, c), carry, self.remat)
+      out[i] = carry[0]
+    return [out[i] for i in block_ids]
 
   def run_blocks(self, tokens: jax.Array, ctx: jax.Array, c: jax.Array, skip_layers: tuple[int, ...] = ()
                  ) -> tuple[jax.Array, jax.Array]:

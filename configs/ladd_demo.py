@@ -1,0 +1,23 @@
+"""LADD of the digits demo (configs/demo.py): the student, initialised from the teacher, learns to denoise in one
+step from LADD's noise levels (1, .75, .5, .25) against a discriminator on the frozen teacher's token features
+(blocks 2 and 3 of 4, the default middle and last), then samples in 1-4 steps without guidance.
+
+  bash demo.sh runs/demo                                    # the teacher (rectified-flow DiT)
+  python train.py --config configs/ladd_demo.py --workdir runs/demo-ladd --config.teacher.checkpoint=runs/demo
+  python tools/demo_quality.py runs/demo-ladd --method few_step --steps 4 --cfg-scale 1
+"""
+from configs import demo
+
+
+def get_config():
+  c = demo.get_config()
+  c.objective = "ladd"
+  c.teacher.checkpoint = "runs/demo"
+  c.distill.ladd.update(head_channels=128, cmap_dim=64, d_lr=1e-4)
+  c.total_steps = 1500
+  c.optimizer.update(lr=1e-4, warmup_steps=50, schedule="cosine", min_lr=1e-6)
+  c.ema_decay = 0.99  # a short run: a long EMA would still hold much of the teacher's one-step blur
+  c.checkpoint_every_steps = 500
+  c.sample_every_steps = 0
+  c.sample.update(method="few_step", steps=4, cfg_scale=1.0)
+  return c
