@@ -1,6 +1,6 @@
 """LADD of the digits demo (configs/demo.py): the student, initialised from the teacher, learns to denoise in one
 step from LADD's noise levels (1, .75, .5, .25) against a discriminator on the frozen teacher's token features
-(blocks 2 and 3 of 4, the default middle and last), then samples in 1-4 steps without guidance.
+(blocks 1 and 3 of 4, the default middle and last), then samples in 1-4 steps without guidance.
 
   bash demo.sh runs/demo                                    # the teacher (rectified-flow DiT)
   python train.py --config configs/ladd_demo.py --workdir runs/demo-ladd --config.teacher.checkpoint=runs/demo

@@ -2,10 +2,13 @@
 guidance input (a student made from the teacher is the conditional teacher exactly), the loss is 0 for a student
 that is the teacher's CFG combination, training resumes bitwise, sampling with guidance= runs one model call per
 step. MeanFlow: the interval input is silent at start, training (teacher and data velocities) resumes bitwise,
-1- and 2-step sampling. One-line errors."""
+1- and 2-step sampling. LADD: teacher token features, one step updates the student and the discriminator, training
+(two optimizers in one checkpoint) resumes bitwise, 8 simulated devices match one, an MMDiT student, few-step
+sampling. One-line errors."""
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import jax
 import jax.numpy as jnp
@@ -14,11 +17,15 @@ import pytest
 from flax import nnx
 
 import dit_jax
-from dit_jax import checkpoint, kinds
+from dit_jax import checkpoint, kinds, parallel
+from dit_jax.diffusion.samplers import few_step_sigmas
 from dit_jax.distill.guidance import guidance_distillation_loss
+from dit_jax.models.layers import unpatchify
 from dit_jax.train import train
 from dit_jax.train_config import validate
-from tests.helpers.training import ToyLoader, losses, tiny_config
+from dit_jax.trainer import Trainer
+from tests.helpers.processes import run_on_devices
+from tests.helpers.training import ToyLoader, ToyTextLoader, losses, tiny_config, tiny_mmdit_config
 
 
 def student_config(teacher_dir, steps=4, objective="guidance_distill"):
@@ -28,6 +35,8 @@ def student_config(teacher_dir, steps=4, objective="guidance_distill"):
   if objective == "guidance_distill":
     c.model.guidance_embed = True
     c.distill.guidance_range = (1.0, 3.0)
+  elif objective == "ladd":
+    c.distill.ladd.update(head_channels=32, cmap_dim=16)
   else:
     c.model.interval_embed = True
     c.distill.meanflow.update(velocity="teacher", guidance=2.0)
@@ -170,3 +179,140 @@ def test_meanflow_from_data_needs_no_teacher(tmp):
   config.model.interval_embed = True
   train(config, tmp / "run", loader=ToyLoader(8))
   assert all(np.isfinite(v) for v in losses(tmp / "run").values())
+
+
+# LADD
+
+
+def test_teacher_features_are_the_block_outputs(teacher):
+  """features() returns the blocks' token outputs in the order asked: the last block's, through the final layer,
+  is the model's output exactly (DiT; MMDiT: run_blocks' image tokens)."""
+  model = dit_jax.load(teacher)
+  rng = np.random.default_rng(2)
+  x = jnp.asarray(rng.standard_normal((4, 8, 8, 1)), jnp.float32)
+  t, y = jnp.asarray([0.1, 0.4, 0.7, 0.9]), jnp.asarray([0, 3, 7, 10])
+  last, first = model.features(x, t, y, (1, 0))
+  cfg = model.config
+  out = unpatchify(model.final_layer(last, model.condition(t, y)), cfg.patch_size, cfg.out_channels, 4, 4)
+  assert np.array_equal(np.asarray(out), np.asarray(model(x, t, y)))
+  assert np.array_equal(np.asarray(first), np.asarray(model.features(x, t, y, (0,))[0]))
+  with pytest.raises(ValueError, match=r"feature blocks \[2\] must be block indices in 0..1"):
+    model.features(x, t, y, (2,))
+
+  mm = dit_jax.MMDiT(kinds.get("mmdit").model_config(tiny_mmdit_config()), rngs=nnx.Rngs(0))
+  context, pooled = jnp.asarray(rng.standard_normal((4, 3, 16)), jnp.float32), jnp.ones((4, 8))
+  tokens, _ = mm.embed(x)
+  want, _ = mm.run_blocks(tokens, mm.context_embedder(context), mm.condition(1000 * t, pooled))
+  got = mm.features(x, 1000 * t, context, pooled, (1,))[0]
+  assert np.array_equal(np.asarray(got), np.asarray(want))
+
+
+def test_ladd_step_updates_the_student_and_the_discriminator(teacher):
+  config = student_config(teacher, objective="ladd")
+  config.optimizer.warmup_steps = 0  # else the student's first learning rate is 0
+  trainer = Trainer(config, parallel.make_mesh((1, 1, 1), jax.devices()[:1]))
+  state, rest = trainer.init()
+  assert len(state.aux_params["heads"]) == 2  # default layers: the middle and last, blocks 0 and 1 of 2
+  before = jax.device_get((state.params, state.aux_params))
+  teacher_params = checkpoint.flat_params(dit_jax.load(teacher))
+  assert all(np.array_equal(np.asarray(v[...]), teacher_params[k]) for k, v in nnx.to_flat_state(before[0]))
+  state, metrics = trainer.step(state, rest, next(ToyLoader(8)))
+  metrics = jax.device_get(metrics)
+  assert all(np.isfinite(metrics[k]) for k in ("loss", "g_loss", "d_loss", "r1", "aux_grad_norm"))
+  assert metrics["finite"] == 1.0 and metrics["loss"] == metrics["g_loss"] and metrics["r1"] >= 0
+  # the heads' logits start near 0: hinge d_loss ~ 2 per head, 2 heads
+  assert 3.0 < metrics["d_loss"] < 5.0, metrics
+  changed = lambda a, b: any(not np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+  after = jax.device_get((state.params, state.aux_params))
+  assert changed(before[0], after[0]) and changed(before[1], after[1])
+
+
+def test_ladd_resumes_bitwise_and_samples_in_few_steps(teacher, tmp):
+  run = resume_matches(lambda steps: student_config(teacher, steps, "ladd"), tmp)
+  rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+  assert all(np.isfinite([r["g_loss"], r["d_loss"], r["r1"]]).all() for r in rows if "loss" in r)
+  student = dit_jax.load(run)
+  labels, key = np.arange(4), jax.random.key(0)
+  for steps in (1, 2, 4):
+    out = dit_jax.sample(student, labels, key, method="few_step", steps=steps)
+    assert out.shape == (4, 8, 8, 1) and np.isfinite(np.asarray(out)).all()
+  # deterministic variant: Euler on (1, .75, .5, .25, 0), SiT's uniform 4-step grid
+  noise = jax.random.normal(jax.random.key(1), (4, 8, 8, 1))
+  euler = dit_jax.sample(student, labels, noise=noise, method="euler", steps=4)
+  ode = dit_jax.sample(student, labels, noise=noise, method="few_step_euler", steps=4)
+  np.testing.assert_allclose(np.asarray(ode), np.asarray(euler), atol=1e-5)
+  np.testing.assert_array_equal(few_step_sigmas(1), [1.0, 0.0])
+  with pytest.raises(ValueError, match="needs a PRNG key"):
+    dit_jax.sample(student, labels, noise=noise, method="few_step", steps=2)
+  with pytest.raises(ValueError, match="takes 1..4 steps"):
+    dit_jax.sample(student, labels, key, method="few_step", steps=5)
+
+
+@pytest.mark.parametrize("change,fragment", [
+    (lambda c: c.distill.ladd.update(layers=(0, 2)), "layers [0, 2] must be distinct teacher block indices in 0..1"),
+    (lambda c: c.distill.ladd.update(probs=(0.5, 0.1, 0.1, 0.1)), "must be non-negative and sum to 1"),
+    (lambda c: c.distill.ladd.update(loss="wgan"), "is not 'hinge' or 'softplus'"),
+    (lambda c: c.distill.ladd.update(head_channels=20), "must be a positive multiple of head_groups"),
+    (lambda c: c.model.update(guidance_embed=True), "trains a plain student"),
+    (lambda c: c.teacher.update(checkpoint=""), "needs teacher.checkpoint"),
+])
+def test_ladd_config_errors(teacher, change, fragment):
+  config = student_config(teacher, objective="ladd")
+  change(config)
+  with pytest.raises(ValueError) as e:
+    validate(config)
+  assert fragment in str(e.value) and "\n" not in str(e.value), e.value
+
+
+LADD_MESH_SCRIPT = """
+    teacher = sys.argv[1]
+
+    def run(mesh, steps=3):
+        config = tiny_config("flow", steps=steps)
+        config.objective = "ladd"
+        config.teacher.checkpoint = teacher
+        config.distill.ladd.update(head_channels=32, cmap_dim=16)
+        trainer = Trainer(config, mesh)
+        state, rest = trainer.init()
+        loader, out = ToyLoader(8), []
+        for _ in range(steps):
+            state, m = trainer.step(state, rest, next(loader))
+            out.append([float(m[k]) for k in ("g_loss", "d_loss", "r1")])
+        return [np.asarray(x) for x in jax.tree.leaves((state.params, state.aux_params))], np.asarray(out), state
+
+    single, single_losses, _ = run(parallel.make_mesh((1, 1, 1), jax.devices()[:1]))
+    scale = max(float(np.abs(b).max()) for b in single)
+    for shape in [(8, 1, 1), (2, 2, 2)]:
+        params, got, state = run(parallel.make_mesh(shape))
+        sharded = sum(len(x.sharding.device_set) > 1 and not x.sharding.is_fully_replicated
+                      for x in jax.tree.leaves(state.aux_params))
+        err = max(float(np.abs(a - b).max()) for a, b in zip(params, single)) / scale
+        loss_err = float(np.abs(got - single_losses).max())
+        print(json.dumps({"shape": shape, "rel_err": err, "loss_err": loss_err, "sharded_aux": sharded}))
+        assert err < 1e-6 and loss_err < 1e-6, (shape, err, loss_err)
+        assert shape == (8, 1, 1) or sharded > 0, "fsdp/tensor meshes must shard the discriminator"
+"""
+
+
+def test_ladd_on_8_devices_matches_one(teacher):
+  """Student and discriminator parameters and the losses of 3 steps on meshes (8,1,1) and (2,2,2) equal one
+  device's."""
+  out = run_on_devices(LADD_MESH_SCRIPT, 8, teacher).stdout
+  assert out.count("rel_err") == 2, out
+
+
+def test_ladd_mmdit_student(tmp):
+  """An MMDiT teacher (class tokens) and its LADD student (discriminator on pooled vectors): finite losses, the
+  student samples in 2 steps."""
+  train(tiny_mmdit_config(steps=2), tmp / "teacher", loader=ToyTextLoader(8))
+  config = tiny_mmdit_config(steps=2)
+  config.objective = "ladd"
+  config.teacher.checkpoint = str(tmp / "teacher")
+  config.distill.ladd.update(head_channels=32, cmap_dim=16, layers=(1,))
+  train(config, tmp / "student", loader=ToyTextLoader(8))
+  rows = [json.loads(line) for line in (tmp / "student" / "metrics.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in rows] == [1, 2] and all(np.isfinite(r["d_loss"]) for r in rows)
+  student = dit_jax.load(tmp / "student")
+  cond = {"context": np.ones((2, 3, 16), np.float32), "pooled": np.ones((2, 8), np.float32)}
+  out = dit_jax.sample(student, cond, jax.random.key(0), method="few_step", steps=2)
+  assert out.shape == (2, 8, 8, 1) and np.isfinite(np.asarray(out)).all()

@@ -32,9 +32,9 @@ from dit_jax.distill import ladd
 
 
 def feature_blocks(config: ml_collections.ConfigDict, depth: int) -> tuple[int, ...]:
-  """``distill.ladd.layers``, or () for the middle and last teacher blocks of ``depth``."""
+  """``distill.ladd.layers``, or for () the middle and last teacher blocks, ((depth - 1) // 2, depth - 1)."""
   given = tuple(int(i) for i in config.distill.ladd.layers)
-  return given or tuple(sorted({depth // 2, depth - 1}))
+  return given or tuple(sorted({(depth - 1) // 2, depth - 1}))
 
 
 def _depth(model_config) -> int:
