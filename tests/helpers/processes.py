@@ -54,7 +54,7 @@ def run_cli(script: str, *args, env: dict | None = None, timeout: float = 600) -
                         cwd=REPO_ROOT, env=env, timeout=timeout)
 
 
-def run_on_devices(script: str, devices: int, *args, env_extra=None, timeout=300) -> subprocess.CompletedProcess:
+def run_on_devices(script: str, devices: int, *args, env_extra=None, timeout=600) -> subprocess.CompletedProcess:
   """Run PRELUDE + ``script`` (sys.argv[1:] = args) on ``devices`` simulated CPU devices; asserts exit status 0."""
   code = PRELUDE.format(root=str(REPO_ROOT)) + textwrap.dedent(script)
   result = subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True,
