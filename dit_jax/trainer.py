@@ -6,6 +6,12 @@ The step is ``jax.jit`` over ``nnx.split`` state with shardings derived from the
 of an accumulated step uses ``fold_in(key, i)``. Non-finite updates are skipped and counted; once
 ``config.nonfinite_abort_after`` are skipped in a row the step is a no-op (the state, its step included, stays as it
 was), so the host can check the guard only when it reads the state.
+
+An objective in ``distill.AUXILIARY`` (LADD) trains a second network beside the model: its parameters and optimizer
+state are ``TrainState.aux_params`` / ``aux_opt_state`` (None otherwise), sharded from their logical names, both
+gradients come from the objective's ``grads`` at the step's parameters, both updates happen in the same step under
+one non-finite guard, and the objective's own metrics (LADD: g_loss, d_loss, r1) plus ``aux_grad_norm`` join the
+step's metrics.
 """
 from __future__ import annotations
 

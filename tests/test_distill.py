@@ -272,6 +272,9 @@ LADD_MESH_SCRIPT = """
         config.objective = "ladd"
         config.teacher.checkpoint = teacher
         config.distill.ladd.update(head_channels=32, cmap_dim=16)
+        # Adam turns the rounding noise of exactly-zero gradients (a conv bias that a one-channel GroupNorm
+        # cancels) into steps of +-lr, differently on each mesh (1e-5 apart at eps 1e-8); eps 1e-6 damps that
+        config.optimizer.eps = 1e-6
         trainer = Trainer(config, mesh)
         state, rest = trainer.init()
         loader, out = ToyLoader(8), []
@@ -287,20 +290,22 @@ LADD_MESH_SCRIPT = """
         sharded = sum(len(x.sharding.device_set) > 1 and not x.sharding.is_fully_replicated
                       for x in jax.tree.leaves(state.aux_params))
         err = max(float(np.abs(a - b).max()) for a, b in zip(params, single)) / scale
-        loss_err = float(np.abs(got - single_losses).max())
+        loss_err = float((np.abs(got - single_losses) / np.maximum(np.abs(single_losses), 1)).max())
         print(json.dumps({"shape": shape, "rel_err": err, "loss_err": loss_err, "sharded_aux": sharded}))
         assert err < 1e-6 and loss_err < 1e-6, (shape, err, loss_err)
         assert shape == (8, 1, 1) or sharded > 0, "fsdp/tensor meshes must shard the discriminator"
 """
 
 
+@pytest.mark.slow
 def test_ladd_on_8_devices_matches_one(teacher):
-  """Student and discriminator parameters and the losses of 3 steps on meshes (8,1,1) and (2,2,2) equal one
-  device's."""
+  """Student and discriminator parameters (relative to the largest) and the losses of 3 steps on meshes (8,1,1)
+  and (2,2,2) equal one device's within 1e-6 (about 4 minutes on 2 busy cores)."""
   out = run_on_devices(LADD_MESH_SCRIPT, 8, teacher).stdout
   assert out.count("rel_err") == 2, out
 
 
+@pytest.mark.slow
 def test_ladd_mmdit_student(tmp):
   """An MMDiT teacher (class tokens) and its LADD student (discriminator on pooled vectors): finite losses, the
   student samples in 2 steps."""
