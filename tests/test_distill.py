@@ -225,6 +225,10 @@ def test_ladd_step_updates_the_student_and_the_discriminator(teacher):
   changed = lambda a, b: any(not np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
   after = jax.device_get((state.params, state.aux_params))
   assert changed(before[0], after[0]) and changed(before[1], after[1])
+  # a non-finite batch leaves both networks as they were and is counted
+  state, metrics = trainer.step(state, rest, next(ToyLoader(8, nan_from=0)))
+  assert jax.device_get(metrics["finite"]) == 0.0 and int(state.nonfinite_total) == 1
+  assert not changed(after, jax.device_get((state.params, state.aux_params)))
 
 
 def test_ladd_resumes_bitwise_and_samples_in_few_steps(teacher, tmp):
