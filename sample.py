@@ -207,7 +207,7 @@ def run_labels(args: argparse.Namespace, out: pathlib.Path) -> str:
   kw = dict(method=args.method or DISTILLED_METHODS.get(_objective(args.checkpoint), "ddpm"), steps=args.steps,
             respacing=args.respacing, cfg_scale=cfg_scale, cfg_mode=args.cfg_mode, guidance_interval=interval,
             eta=args.eta, shift=1.0 if args.shift is None else args.shift, flow_convention=args.flow_convention or "sit")
-  if model.config.guidance_embed:  # guidance-distilled: the scale is an input, one call per step
+  if getattr(model.config, "guidance_embed", False):  # guidance-distilled: the scale is an input, one call per step
     kw.update(guidance=cfg_scale if args.guidance is None else args.guidance, cfg_scale=1.0)
   elif args.guidance is not None:
     raise ValueError("--guidance is the input of a guidance-distilled model (or FLUX.1 [dev]); this DiT is guided "

@@ -27,6 +27,7 @@ import ml_collections
 import optax
 from flax import nnx
 
+from dit_jax import kinds
 from dit_jax.diffusion import flow
 from dit_jax.distill import ladd
 
@@ -41,21 +42,11 @@ def _depth(model_config) -> int:
   return model_config.depth if hasattr(model_config, "depth") else model_config.num_layers
 
 
-# kind name -> (teacher features of x at model time t, the discriminator's condition); a DiT is conditioned on its
-# labels, an MMDiT on context / pooled.
-_FEATURES = {
-    "dit": lambda m, batch, x, t, ids: m.features(x, t, batch["label"], ids),
-    "mmdit": lambda m, batch, x, t, ids: m.features(x, t, batch["context"], batch["pooled"], ids),
-}
-_COND = {"dit": lambda batch: batch["label"], "mmdit": lambda batch: batch["pooled"]}
-
-
 def build_discriminator(config: ml_collections.ConfigDict, model_config, rngs: nnx.Rngs) -> ladd.Discriminator:
   """One head per feature block of the teacher (``model_config``: the student's, the teacher's shape)."""
   l = config.distill.ladd
   dtype = jnp.bfloat16 if config.compute_dtype == "bfloat16" else jnp.float32
-  cond = dict(num_classes=model_config.num_classes) if config.model.kind == "dit" else \
-      dict(cond_dim=model_config.pooled_projection_dim)
+  cond = kinds.get(config.model.kind).discriminator_condition(model_config)
   return ladd.Discriminator(model_config.hidden_size, feature_blocks(config, _depth(model_config)), rngs,
                             channels=l.head_channels, cmap_dim=l.cmap_dim, groups=l.head_groups, dtype=dtype,
                             param_dtype=jnp.float32, **cond)
@@ -100,7 +91,7 @@ def teacher_features(config: ml_collections.ConfigDict, kind, teacher: nnx.Modul
   """The teacher's token features (B, T, D) of the feature blocks at x (B, H, W, C), noise level t̂ (B,)."""
   conv = flow.CONVENTIONS[config.flow.convention]
   blocks = feature_blocks(config, _depth(teacher.config))
-  return _FEATURES[kind.name](teacher, batch, x, conv.model_time(t_hat), blocks)
+  return kind.token_features(teacher, batch, x, conv.model_time(t_hat), blocks)
 
 
 def _grid(teacher: nnx.Module, x: jax.Array) -> tuple[int, int]:
@@ -113,7 +104,7 @@ def generator_loss(config: ml_collections.ConfigDict, kind, student: nnx.Module,
   """(g_loss(D(fake)), the fake features): x̂0 renoised to t̂, through the frozen teacher and the heads."""
   fake = teacher_features(config, kind, teacher, batch, flow.interpolate(student_x0(config, kind, student, batch, d),
                                                                          d.e, d.t_hat), d.t_hat)
-  logits = disc(fake, d.t_hat, _COND[kind.name](batch), _grid(teacher, batch["image"]))
+  logits = disc(fake, d.t_hat, kind.discriminator_input(batch), _grid(teacher, batch["image"]))
   return ladd.g_loss(logits, config.distill.ladd.loss), fake
 
 
@@ -122,7 +113,7 @@ def discriminator_loss(config: ml_collections.ConfigDict, kind, disc: ladd.Discr
                        key: jax.Array) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
   """(d_loss + r1_weight r1, (d_loss, r1)) on real and (gradient-stopped) fake features."""
   l = config.distill.ladd
-  cond, grid = _COND[kind.name](batch), _grid(teacher, batch["image"])
+  cond, grid = kind.discriminator_input(batch), _grid(teacher, batch["image"])
   logits = lambda f: disc(f, t_hat, cond, grid)
   d_loss = ladd.d_loss(logits(real), logits([jax.lax.stop_gradient(f) for f in fake]), l.loss)
   r1 = ladd.approx_r1(logits, real, key, l.r1_sigma)

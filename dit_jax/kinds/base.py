@@ -124,6 +124,21 @@ class Kind:
     ``num`` rows of a fixed sequence."""
     self._cannot("be sampled")
 
+  # Distillation (LADD) ------------------------------------------------------------------------------------------
+
+  def token_features(self, model: nnx.Module, batch: dict, x: jax.Array, t: jax.Array,
+                     blocks: tuple[int, ...]) -> list[jax.Array]:
+    """The image-token outputs (B, T, D) of ``blocks`` for x at model time t, conditioned as ``batch``."""
+    self._cannot("give token features (LADD)")
+
+  def discriminator_condition(self, model_config) -> dict:
+    """How LADD's discriminator heads are conditioned: dict(num_classes=...) or dict(cond_dim=...)."""
+    self._cannot("be distilled with LADD")
+
+  def discriminator_input(self, batch: dict) -> jax.Array:
+    """The batch's condition for the discriminator heads: (B,) labels or (B, P) pooled vectors."""
+    self._cannot("be distilled with LADD")
+
   def guidance_kwargs(self, config: ml_collections.ConfigDict, cfg_scale: float) -> dict:
     """How the training loop's grids and evaluations guide at ``cfg_scale``: CFG, or, for a guidance-distilled
     student (``guidance_embed`` in its section), the same scale as its guidance input with one call per step."""

@@ -103,6 +103,15 @@ class DiTKind(Kind):
                       method=method or "ddpm", shift=1.0 if shift is None else shift,
                       flow_convention=flow_convention or "sit")
 
+  def token_features(self, model: DiT, batch, x, t, blocks):
+    return model.features(x, t, batch["label"], blocks)
+
+  def discriminator_condition(self, cfg: DiTConfig) -> dict:
+    return dict(num_classes=cfg.num_classes)
+
+  def discriminator_input(self, batch):
+    return batch["label"]
+
   def sample_network(self, model: DiT, skip_layers: tuple[int, ...] = (), **inputs):
     """(x, t, cond) -> output; ``inputs``: the interval of an average-velocity (MeanFlow) step."""
     if model.config.guidance_embed:

@@ -197,6 +197,15 @@ class MMDiTKind(Kind):
   def check_latent_size(self, cfg: MMDiTConfig, latent_size) -> tuple[int, int]:
     return check_latent_size(cfg, latent_size)
 
+  def token_features(self, model: MMDiT, batch, x, t, blocks):
+    return model.features(x, t, batch["context"], batch["pooled"], blocks)
+
+  def discriminator_condition(self, cfg: MMDiTConfig) -> dict:
+    return dict(cond_dim=cfg.pooled_projection_dim)
+
+  def discriminator_input(self, batch):
+    return batch["pooled"]
+
   def sample_network(self, model: MMDiT, skip_layers: tuple[int, ...] = (), **inputs):
     """(x, t, cond) -> output; ``inputs``: the interval of an average-velocity (MeanFlow) step."""
     return lambda x, t, c: model(x, t, c["context"], c["pooled"], skip_layers=skip_layers, guidance=c.get("guidance"),
