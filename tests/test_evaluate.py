@@ -14,7 +14,7 @@ from PIL import Image
 import dit_jax
 from dit_jax.eval import evaluator, metrics
 from dit_jax.eval.metrics import FeatureStats
-from tests.helpers.inception_reference import random_inception
+from tests.helpers.inception_reference import frechet_by_eigh, random_inception
 from tests.helpers.processes import main_in_process
 
 
@@ -34,15 +34,6 @@ def setup(tmp_path_factory):
   np.savez(tmp / "shards" / "000000.npz", arr_0=samples[:6])
   np.savez(tmp / "shards" / "000001.npz", arr_0=samples[6:])
   return tmp, samples
-
-
-def frechet_by_eigh(a: FeatureStats, b: FeatureStats) -> float:
-  """The Fréchet distance in float64 with tr sqrt(S1 S2) from the eigenvalues of sqrt(S1) S2 sqrt(S1) (not sqrtm)."""
-  w, v = np.linalg.eigh(a.sigma)
-  root = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
-  eig = np.linalg.eigvalsh(root @ b.sigma @ root)
-  diff = a.mu - b.mu
-  return float(diff @ diff + np.trace(a.sigma) + np.trace(b.sigma) - 2 * np.sqrt(np.clip(eig, 0, None)).sum())
 
 
 def test_make_reference_then_evaluate(setup, capsys):

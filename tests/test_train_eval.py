@@ -16,22 +16,13 @@ from dit_jax.eval.metrics import FeatureStats, inception_score
 from dit_jax.sample_files import to_uint8
 from dit_jax.train import train
 from dit_jax.train_config import validate
-from tests.helpers.inception_reference import random_inception
+from tests.helpers.inception_reference import frechet_by_eigh, random_inception
 from tests.helpers.training import ToyLoader, losses, tiny_config
 
 
 def eval_rows(workdir) -> dict[int, dict]:
   rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
   return {r["step"]: r for r in rows if "loss" not in r}
-
-
-def frechet_by_eigh(a: FeatureStats, b: FeatureStats) -> float:
-  """float64 Fréchet distance through eigh (independent of the loop's float32 on-device one)."""
-  w, v = np.linalg.eigh(a.sigma)
-  root = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
-  eig = np.linalg.eigvalsh(root @ b.sigma @ root)
-  diff = a.mu - b.mu
-  return float(diff @ diff + np.trace(a.sigma) + np.trace(b.sigma) - 2 * np.sqrt(np.clip(eig, 0, None)).sum())
 
 
 @pytest.fixture(scope="module")

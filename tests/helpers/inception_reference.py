@@ -190,3 +190,13 @@ def random_inception(image_size: int = 299, seed: int = 0):
     return jnp.asarray(rng.standard_normal(leaf.shape, np.float32) * np.sqrt(2.0 / fan_in))
 
   return nnx.merge(graphdef, jax.tree_util.tree_map_with_path(value, state))
+
+
+def frechet_by_eigh(a, b) -> float:
+  """The Fréchet distance of two FeatureStats in float64, tr sqrt(S1 S2) from the eigenvalues of
+  sqrt(S1) S2 sqrt(S1): an oracle independent of scipy's sqrtm (and of the float32 on-device forms)."""
+  w, v = np.linalg.eigh(a.sigma)
+  root = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+  eig = np.linalg.eigvalsh(root @ b.sigma @ root)
+  diff = a.mu - b.mu
+  return float(diff @ diff + np.trace(a.sigma) + np.trace(b.sigma) - 2 * np.sqrt(np.clip(eig, 0, None)).sum())
