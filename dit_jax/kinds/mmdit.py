@@ -114,7 +114,7 @@ class MMDiTKind(Kind):
   def train_checks(self, config) -> list[tuple[bool, str]]:
     return [
         (config.objective != "vp" and config.flow.convention == "sd3",
-         "model.kind 'mmdit' trains with a flow objective and flow.convention 'sd3'"),
+         "model.kind 'mmdit' trains with objective 'flow' and flow.convention 'sd3' (or a distillation objective)"),
         (config.data.conditioning in ("text", "class_tokens"),
          f"model.kind 'mmdit' needs data.conditioning 'text' or 'class_tokens', not {config.data.conditioning!r}"),
         (0.0 <= config.cond_dropout_prob <= 1.0, f"cond_dropout_prob {config.cond_dropout_prob} is not in [0, 1]"),
