@@ -13,11 +13,15 @@ def get_config():
   c = demo.get_config()
   c.objective = "ladd"
   c.teacher.checkpoint = "runs/demo"
-  c.distill.ladd.update(head_channels=128, cmap_dim=64, d_lr=1e-4)
-  c.total_steps = 1500
-  c.optimizer.update(lr=1e-4, warmup_steps=50, schedule="cosine", min_lr=1e-6)
+  # renoise_loc 0 (median t̂ 0.5): LADD's 1.0 is for SD3's 128x128 latents; at t̂ ~ 0.73 an 8x8 digit is mostly
+  # noise and the heads barely see its class. A strong discriminator (d_lr 1e-3, StyleGAN's order) and a slow
+  # student: the student's class accuracy peaks early and slowly erodes as the GAN trades it for realism
+  # (1000 steps at constant-ish lr: 97% at 250 steps, 92% at 750 for 4 steps), so the run is short.
+  c.distill.ladd.update(head_channels=128, cmap_dim=64, d_lr=1e-3, renoise_loc=0.0)
+  c.total_steps = 400
+  c.optimizer.update(lr=3e-5, warmup_steps=50, schedule="cosine", min_lr=1e-6)
   c.ema_decay = 0.99  # a short run: a long EMA would still hold much of the teacher's one-step blur
-  c.checkpoint_every_steps = 500
+  c.checkpoint_every_steps = 200
   c.sample_every_steps = 0
   c.sample.update(method="few_step", steps=4, cfg_scale=1.0)
   return c
