@@ -31,6 +31,7 @@ from flax import nnx
 from dit_jax import data, hardware, kinds, parallel, sample_files
 from dit_jax.checkpoint import Checkpoints
 from dit_jax.diffusion.samplers import sample
+from dit_jax.distill.teacher_data import training_data
 from dit_jax.eval.loop import TrainingEvaluator
 from dit_jax.train_config import validate
 from dit_jax.trainer import Trainer, TrainState
@@ -72,7 +73,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, loa
   """Train (or resume) in ``workdir``; returns the final train state.
 
   Args:
-    loader: an iterator of host-local batches with get_state()/set_state() (default: dit_jax.data.make_loader).
+    loader: an iterator of host-local batches with get_state()/set_state() (default: dit_jax.data.make_loader of
+      config.data, or of the teacher samples of ``distill.teacher_data``, :mod:`dit_jax.distill.teacher_data`).
     mesh: default: ``parallel.make_mesh(config.mesh_shape)`` over all devices.
   """
   validate(config)
@@ -82,8 +84,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, loa
   evaluator = TrainingEvaluator(config, mesh) if config.eval_every_steps else None  # its files' errors first
   trainer = Trainer(config, mesh)
   kind = kinds.get(config.model.kind)
-  if loader is None:
-    loader = data.make_loader(config.data, global_batch_size=config.global_batch_size, seed=config.seed,
+  if loader is None:  # config.data, or the teacher's samples (generated once) with distill.teacher_data
+    loader = data.make_loader(training_data(config, workdir, trainer.teacher, mesh),
+                              global_batch_size=config.global_batch_size, seed=config.seed,
                               process_index=jax.process_index(), process_count=jax.process_count(),
                               **kind.loader_kwargs(config))
   ckpts = Checkpoints(workdir, config)

@@ -8,6 +8,8 @@ from __future__ import annotations
 import ml_collections
 
 from dit_jax import data, distill, kinds
+from dit_jax.diffusion import flow
+from dit_jax.diffusion.guidance import CFG_MODES
 from dit_jax.diffusion.objectives import OBJECTIVES
 from dit_jax.eval.loop import eval_checks
 from dit_jax.models.config import check_all
@@ -54,6 +56,12 @@ def default_config() -> ml_collections.ConfigDict:
   # renoising t̂ = sigmoid(renoise_loc + renoise_scale n); discriminator heads (head_channels, head_groups,
   # cmap_dim) on the teacher blocks `layers` (() = the middle and last), loss 'hinge' | 'softplus', approximate R1
   # (r1_weight, r1_sigma), its own Adam (d_lr constant, betas d_b1, d_b2; the student's grad_clip).
+  # teacher_data (dit_jax.distill.teacher_data; any distillation objective, LADD's data): num_samples > 0 trains on
+  # that many teacher samples instead of config.data, generated once before the first step into dir ("" =
+  # <workdir>/teacher_samples; resumed if unfinished, reused if complete, refused if another teacher's) in shards
+  # of shard_size, batch_size per sampler call (0 = global_batch_size); sample: method (a flow sampler), steps,
+  # cfg_scale, cfg_mode, shift (0 = flow.shift); labels cycled class-balanced (DiT, class tokens) or text row i;
+  # random_flip: flip the samples in training.
   c.teacher = ml_collections.ConfigDict(dict(checkpoint="", init_student=True))
   c.distill = ml_collections.ConfigDict(dict(
       guidance_range=(1.0, 4.0),
@@ -62,7 +70,11 @@ def default_config() -> ml_collections.ConfigDict:
       ladd=ml_collections.ConfigDict(dict(times=(1.0, 0.75, 0.5, 0.25), probs=(0.7, 0.1, 0.1, 0.1),
                                           renoise_loc=1.0, renoise_scale=1.0, layers=(), loss="hinge",
                                           r1_weight=1.0, r1_sigma=0.1, d_lr=1e-4, d_b1=0.0, d_b2=0.99,
-                                          head_channels=256, head_groups=32, cmap_dim=64))))
+                                          head_channels=256, head_groups=32, cmap_dim=64)),
+      teacher_data=ml_collections.ConfigDict(dict(
+          num_samples=0, dir="", shard_size=1024, batch_size=0, random_flip=False,
+          sample=ml_collections.ConfigDict(dict(method="euler", steps=32, cfg_scale=4.0, cfg_mode="all",
+                                                shift=0.0))))))
 
   c.optimizer = ml_collections.ConfigDict(dict(
       lr=1e-4, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, warmup_steps=0, schedule="constant", min_lr=0.0,
@@ -107,7 +119,8 @@ def _check_keys(config: ml_collections.ConfigDict, schema: ml_collections.Config
 def distill_checks(config: ml_collections.ConfigDict, kind) -> list[tuple[bool, str]]:
   """(ok, message) pairs for the distillation objectives."""
   if config.objective not in distill.OBJECTIVES:
-    return []
+    return [(not config.distill.teacher_data.num_samples, "distill.teacher_data samples a teacher: it needs a "
+             f"distillation objective, not {config.objective!r}")]
   section = config[kind.train_section] if kind.train_section else config.model
   lo, hi = (tuple(config.distill.guidance_range) + (None, None))[:2]
   m = config.distill.meanflow
@@ -125,6 +138,7 @@ def distill_checks(config: ml_collections.ConfigDict, kind) -> list[tuple[bool, 
                 "objective 'meanflow' samples its own (t, r): leave flow.shift at 1 and flow.resolution_shift off")]
   if config.objective == "ladd":
     checks += _ladd_checks(config, kind, section)
+  checks += _teacher_data_checks(config)
   if config.objective == "guidance_distill":
     checks += [(bool(section.get("guidance_embed")), "objective 'guidance_distill' needs a student with a guidance "
                 f"input: set {kind.train_section or 'model'}.guidance_embed=True"),
@@ -156,6 +170,26 @@ def _ladd_checks(config: ml_collections.ConfigDict, kind, section) -> list[tuple
       (l.d_lr > 0 and 0 <= l.d_b1 < 1 and 0 <= l.d_b2 < 1, "distill.ladd needs d_lr > 0 and d_b1, d_b2 in [0, 1)"),
       (l.head_channels > 0 and l.cmap_dim > 0 and l.head_groups > 0 and l.head_channels % l.head_groups == 0,
        f"distill.ladd.head_channels {l.head_channels} must be a positive multiple of head_groups {l.head_groups}"),
+  ]
+
+
+def _teacher_data_checks(config: ml_collections.ConfigDict) -> list[tuple[bool, str]]:
+  t = config.distill.teacher_data
+  s = t.sample
+  if not t.num_samples:
+    return [(t.num_samples == 0, f"distill.teacher_data.num_samples {t.num_samples} must be >= 0 (0 = real data)")]
+  return [
+      (t.num_samples > 0, f"distill.teacher_data.num_samples {t.num_samples} must be >= 0 (0 = real data)"),
+      (bool(config.teacher.checkpoint), "distill.teacher_data samples the teacher: set teacher.checkpoint"),
+      (t.shard_size > 0 and t.batch_size >= 0, f"distill.teacher_data needs shard_size > 0 (got {t.shard_size}) "
+                                                f"and batch_size >= 0 (got {t.batch_size}; 0 = global_batch_size)"),
+      (s.method in flow.METHODS, f"distill.teacher_data.sample.method {s.method!r} is not one of the flow samplers "
+                                 f"{', '.join(flow.METHODS)}"),
+      (s.steps > 0, f"distill.teacher_data.sample.steps {s.steps} must be positive"),
+      (s.cfg_scale >= 0 and s.shift >= 0, "distill.teacher_data.sample needs cfg_scale >= 0 and shift >= 0 (0 = "
+                                          "flow.shift)"),
+      (s.cfg_mode in CFG_MODES, f"distill.teacher_data.sample.cfg_mode {s.cfg_mode!r} is not one of "
+                                f"{', '.join(CFG_MODES)}"),
   ]
 
 

@@ -14,6 +14,9 @@ decoded when encoding has label -1 and reads as CorruptImage, so the Loader skip
 
 In epoch e, item i uses view v = the Loader's flip(e, i) and eps ~ N(0, I) from ``default_rng([seed, e, i, 1])``:
 ``z = scaling_factor * (mean[v] + std[v] * eps - shift_factor)``, a function of (seed, epoch, index) only.
+
+Shards without ``std`` hold deterministic samples (the teacher samples of :mod:`dit_jax.distill.teacher_data`,
+manifest ``vae`` scale 1, shift 0): item i of view v is ``mean[v]`` itself, no posterior draw.
 """
 from __future__ import annotations
 
@@ -74,7 +77,8 @@ def npz_memmap(path: str | pathlib.Path, layout: dict | None = None) -> dict[str
 
 
 class LatentSource:
-  """Random access over latent shards: ``source[i] -> {"mean": (2, h, w, C), "std": (2, h, w, C), "label": int}``.
+  """Random access over latent shards: ``source[i] -> {"mean": (2, h, w, C), "std": (2, h, w, C), "label": int}``
+  (no "std" for deterministic samples).
 
   Shards are memory-mapped on first use; at most ``max_open`` maps stay open (LRU, one file descriptor each).
   ``transform`` is the Loader's per-item hook: float32 (h, w, C) scaled latents (see the module docstring).
@@ -125,11 +129,16 @@ class LatentSource:
     label = int(s["label"][r])
     if label < 0:
       raise CorruptImage(f"item {i} could not be decoded when the latents were encoded")
-    return {"mean": np.asarray(s["mean"][r]), "std": np.asarray(s["std"][r]), "label": label}
+    item = {"mean": np.asarray(s["mean"][r]), "label": label}
+    if "std" in s:  # else a deterministic sample (no posterior)
+      item["std"] = np.asarray(s["std"][r])
+    return item
 
   def transform(self, item: dict, *, flip: bool, seed: int, epoch: int, index: int) -> np.ndarray:
     """A fresh scaled latent sample of view ``flip``: float32 (h, w, C)."""
     v = int(flip)
-    eps = np.random.default_rng([seed, epoch, index, 1]).standard_normal(self.item_shape, np.float32)
-    z = item["mean"][v].astype(np.float32) + item["std"][v].astype(np.float32) * eps
+    z = item["mean"][v].astype(np.float32)
+    if "std" in item:
+      eps = np.random.default_rng([seed, epoch, index, 1]).standard_normal(self.item_shape, np.float32)
+      z = z + item["std"][v].astype(np.float32) * eps
     return (z - np.float32(self.shift_factor)) * np.float32(self.scaling_factor)
