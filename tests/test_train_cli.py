@@ -2,53 +2,20 @@
 uninterrupted per-step losses bitwise; SIGTERM saves a checkpoint and exits 0."""
 from __future__ import annotations
 
-import json
-import os
 import re
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
 from tests.helpers import REPO_ROOT
-from tests.helpers.processes import one_line_error
-from tests.helpers.training import losses
-
-TINY = ["--config.model.hidden_size=32", "--config.model.depth=2", "--config.model.num_heads=2",
-        "--config.global_batch_size=16", "--config.log_every_steps=1", "--config.checkpoint_every_steps=3",
-        "--config.sample_every_steps=0", "--config.keep_checkpoints=10"]
+from tests.helpers.processes import device_env, one_line_error
+from tests.helpers.training import checkpoint_steps, losses, tiny_train_cmd, wait_for_step
 
 
 def _cmd(workdir, *extra):
-  return [sys.executable, str(REPO_ROOT / "train.py"), "--config", str(REPO_ROOT / "configs/demo.py"),
-          "--workdir", str(workdir), *TINY, *extra]
-
-
-def _env():
-  return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
-
-
-def _checkpoints(workdir) -> list[int]:
-  """Steps of the finished checkpoints (orbax writes a temporary directory, then renames it to the step)."""
-  root = workdir / "checkpoints"
-  return sorted(int(p.name) for p in root.iterdir() if p.name.isdigit()) if root.is_dir() else []
-
-
-def _wait_for_step(workdir, step, proc, timeout=240, checkpoint=False):
-  """Until metrics.jsonl has logged ``step`` (and, with ``checkpoint``, a checkpoint is finished)."""
-  deadline = time.time() + timeout
-  path = workdir / "metrics.jsonl"
-  while time.time() < deadline:
-    if proc.poll() is not None:
-      raise AssertionError(f"trainer exited early: {proc.stderr.read()[-3000:]}")
-    if path.exists() and (not checkpoint or _checkpoints(workdir)):
-      rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-      if rows and rows[-1]["step"] >= step:
-        return
-    time.sleep(0.2)
-  raise AssertionError(f"step {step} not reached")
+  return tiny_train_cmd("configs/demo.py", workdir, *extra)
 
 
 def test_sigkill_then_resume_gives_identical_losses(tmp):
@@ -57,23 +24,24 @@ def test_sigkill_then_resume_gives_identical_losses(tmp):
   total_steps, so the resumed run and the uninterrupted reference both stop a few steps past the kill."""
   constant = "--config.optimizer.schedule=constant"
   proc = subprocess.Popen(_cmd(tmp / "killed", constant, "--config.total_steps=1000000"), stdout=subprocess.DEVNULL,
-                          stderr=subprocess.PIPE, text=True, env=_env(), cwd=REPO_ROOT)
+                          stderr=subprocess.PIPE, text=True, env=device_env(1), cwd=REPO_ROOT)
   try:
-    _wait_for_step(tmp / "killed", 7, proc, checkpoint=True)
+    wait_for_step(tmp / "killed", 7, proc, checkpoint=True)
     proc.send_signal(signal.SIGKILL)
   finally:
     proc.kill()
     proc.wait()
   assert proc.returncode == -signal.SIGKILL, proc.returncode
-  killed_at, saved = max(losses(tmp / "killed")), _checkpoints(tmp / "killed")
+  killed_at, saved = max(losses(tmp / "killed")), checkpoint_steps(tmp / "killed")
   assert 7 <= killed_at < 1000000 and saved and saved[-1] <= killed_at, (killed_at, saved)  # interrupted, mid-run
   print(f"killed after step {killed_at}, resuming from the step-{saved[-1]} checkpoint")
   steps = f"--config.total_steps={killed_at + 3}"
-  result = subprocess.run(_cmd(tmp / "killed", constant, steps), capture_output=True, text=True, env=_env(),
+  result = subprocess.run(_cmd(tmp / "killed", constant, steps), capture_output=True, text=True, env=device_env(1),
                           cwd=REPO_ROOT)
   assert result.returncode == 0, result.stderr[-3000:]
   assert f"resumed from step {saved[-1]} " in result.stderr, result.stderr[-3000:]
-  subprocess.run(_cmd(tmp / "full", constant, steps), check=True, capture_output=True, env=_env(), cwd=REPO_ROOT)
+  subprocess.run(_cmd(tmp / "full", constant, steps), check=True, capture_output=True, env=device_env(1),
+                 cwd=REPO_ROOT)
   full, resumed = losses(tmp / "full"), losses(tmp / "killed")
   assert sorted(full) == sorted(resumed) == list(range(1, killed_at + 4))
   assert full == resumed, "losses after SIGKILL + resume differ from the uninterrupted run"
@@ -81,8 +49,9 @@ def test_sigkill_then_resume_gives_identical_losses(tmp):
 
 def test_sigterm_saves_and_exits_zero(tmp):
   proc = subprocess.Popen(_cmd(tmp, "--config.total_steps=100000", "--config.checkpoint_every_steps=100000"),
-                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=_env(), cwd=REPO_ROOT)
-  _wait_for_step(tmp, 4, proc)
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=device_env(1),
+                          cwd=REPO_ROOT)
+  wait_for_step(tmp, 4, proc)
   proc.send_signal(signal.SIGTERM)
   try:
     proc.wait(timeout=120)
@@ -91,13 +60,13 @@ def test_sigterm_saves_and_exits_zero(tmp):
     pytest.fail("trainer did not exit after SIGTERM")
   stderr = proc.stderr.read()
   assert proc.returncode == 0, stderr[-3000:]
-  saved = _checkpoints(tmp)
+  saved = checkpoint_steps(tmp)
   last_logged = max(losses(tmp))
   assert saved and saved[-1] == last_logged >= 4, (saved, last_logged, sorted(
       p.name for p in (tmp / "checkpoints").iterdir()) if (tmp / "checkpoints").is_dir() else None, stderr[-3000:])
   # a run that fails on a user error leaves the existing workdir as it was
   before = {p: p.read_bytes() for p in sorted(tmp.rglob("*")) if p.is_file()}
-  result = subprocess.run(_cmd(tmp, "--config.objective=score"), capture_output=True, text=True, env=_env(),
+  result = subprocess.run(_cmd(tmp, "--config.objective=score"), capture_output=True, text=True, env=device_env(1),
                           cwd=REPO_ROOT)
   one_line_error(result.returncode, result.stderr, "objective 'score'")
   assert {p: p.read_bytes() for p in sorted(tmp.rglob("*")) if p.is_file()} == before
@@ -120,14 +89,14 @@ def test_user_errors_are_one_line(tmp, args, fragment):
   (tmp / "broken.py").write_text("def get_config(:\n")
   (tmp / "file").write_text("not a directory")
   result = subprocess.run([sys.executable, str(REPO_ROOT / "train.py"), *(a.format(tmp=tmp) for a in args)],
-                          capture_output=True, text=True, env=_env(), cwd=REPO_ROOT)
+                          capture_output=True, text=True, env=device_env(1), cwd=REPO_ROOT)
   one_line_error(result.returncode, result.stderr, fragment)
   assert (tmp / "file").read_text() == "not a directory"
 
 
 def test_console_shows_one_progress_line_per_log_step_and_nothing_else(tmp):
   """The console of a training job: which MFU denominator, then one line per log step; no TF / clu / absl INFO."""
-  env = {k: v for k, v in _env().items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+  env = {k: v for k, v in device_env(1).items() if k != "TF_CPP_MIN_LOG_LEVEL"}
   result = subprocess.run(_cmd(tmp, "--config.total_steps=4", "--config.log_every_steps=2"), capture_output=True,
                           text=True, env=env, cwd=REPO_ROOT, timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]

@@ -1,12 +1,16 @@
-"""Training helpers: tiny DiT / MMDiT configs, deterministic resumable in-memory loaders, per-step losses."""
+"""Training helpers: tiny DiT / MMDiT configs, deterministic resumable in-memory loaders, per-step losses and
+metrics, and the workdir of a train.py process (its finished checkpoints, waiting for a logged step)."""
 from __future__ import annotations
 
 import json
 import pathlib
+import sys
+import time
 
 import numpy as np
 
 from dit_jax.train_config import default_config
+from tests.helpers import REPO_ROOT
 
 
 def tiny_config(objective: str = "flow", steps: int = 6, batch: int = 8):
@@ -57,6 +61,55 @@ def losses(workdir: pathlib.Path) -> dict[int, float]:
     if "loss" in row:  # not an evaluation's line
       out[row["step"]] = row["loss"]
   return out
+
+
+TIMING_METRICS = ("steps_per_s", "examples_per_s", "mfu")  # the metrics.jsonl keys that depend on the clock
+
+
+def step_metrics(workdir: pathlib.Path) -> dict[int, dict[str, float]]:
+  """step -> that step's metrics from metrics.jsonl less TIMING_METRICS (the last entry wins, as in ``losses``)."""
+  out = {}
+  for line in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines():
+    row = json.loads(line)
+    if "loss" in row:
+      out[row["step"]] = {k: v for k, v in row.items() if k not in TIMING_METRICS}
+  return out
+
+
+# train.py flags of a tiny digits DiT (configs/demo.py's shape at hidden 32, depth 2, 2 heads, batch 16): every step
+# logged, a checkpoint every 3 steps (all kept), no sample grids.
+TINY_TRAIN_FLAGS = ["--config.model.hidden_size=32", "--config.model.depth=2", "--config.model.num_heads=2",
+                    "--config.global_batch_size=16", "--config.log_every_steps=1", "--config.checkpoint_every_steps=3",
+                    "--config.sample_every_steps=0", "--config.keep_checkpoints=10"]
+
+
+def tiny_train_cmd(config: str, workdir: pathlib.Path, *flags: str) -> list[str]:
+  """The command line of ``train.py --config <repo>/<config>`` in ``workdir`` with TINY_TRAIN_FLAGS, then ``flags``
+  (a later flag overrides an earlier one)."""
+  return [sys.executable, str(REPO_ROOT / "train.py"), "--config", str(REPO_ROOT / config), "--workdir", str(workdir),
+          *TINY_TRAIN_FLAGS, *flags]
+
+
+def checkpoint_steps(workdir: pathlib.Path) -> list[int]:
+  """Steps of the finished checkpoints (orbax writes a temporary directory, then renames it to the step)."""
+  root = pathlib.Path(workdir) / "checkpoints"
+  return sorted(int(p.name) for p in root.iterdir() if p.name.isdigit()) if root.is_dir() else []
+
+
+def wait_for_step(workdir: pathlib.Path, step: int, proc, timeout: float = 300, checkpoint: bool = False) -> None:
+  """Until the train.py process ``proc`` (a Popen with stderr=PIPE) has logged ``step`` in metrics.jsonl (and, with
+  ``checkpoint``, finished a checkpoint); AssertionError when it exits first or the time runs out."""
+  deadline = time.time() + timeout
+  path = pathlib.Path(workdir) / "metrics.jsonl"
+  while time.time() < deadline:
+    if proc.poll() is not None:
+      raise AssertionError(f"trainer exited early: {proc.stderr.read()[-3000:]}")
+    if path.exists() and (not checkpoint or checkpoint_steps(workdir)):
+      rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+      if rows and rows[-1]["step"] >= step:
+        return
+    time.sleep(0.2)
+  raise AssertionError(f"step {step} not reached in {timeout} s")
 
 
 def tiny_mmdit_config(steps: int = 6, batch: int = 8):
