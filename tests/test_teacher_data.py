@@ -18,9 +18,10 @@ from dit_jax import checkpoint, data, kinds, parallel
 from dit_jax.data.latents import LatentSource
 from dit_jax.distill import teacher_data
 from dit_jax.distill.teacher import Teacher
+from dit_jax import train as train_module
 from dit_jax.train import train
 from dit_jax.train_config import validate
-from tests.helpers.training import losses, tiny_config
+from tests.helpers.training import losses, tiny_config, tiny_mmdit_config
 
 
 def save_random_teacher(path, seed: int = 0):
@@ -92,8 +93,9 @@ def test_samples_are_the_teachers_and_the_loader_reads_them(teacher, tmp):
 
 
 def test_interrupted_generation_resumes_to_the_same_bytes_and_a_complete_one_is_reused(teacher, tmp):
-  """SDE sampling (step noise from each call's key): killed after shard 0, the restart writes shards 1 and 2 only
-  and ends byte-identical to an uninterrupted generation; a third call writes nothing."""
+  """SDE sampling (step noise from each call's key): stopped after shard 0 (and a half-written temporary left), the
+  restart writes shards 1 and 2 only and ends byte-identical to an uninterrupted generation; a third call writes
+  nothing."""
   config = config_of(teacher, method="sde")
   mesh, t = mesh_and_teacher(config)
   teacher_data.generate(config, t, mesh, tmp / "whole")
@@ -107,6 +109,7 @@ def test_interrupted_generation_resumes_to_the_same_bytes_and_a_complete_one_is_
   assert manifest["shards_done"] == [0] and not manifest["complete"]
   with pytest.raises(ValueError, match="unfinished"):
     LatentSource(tmp / "resumed")
+  (tmp / "resumed" / ".shard_00001.npz.tmp-1").write_bytes(b"killed while writing")  # removed on restart
   written = []
   teacher_data.generate(config, t, mesh, tmp / "resumed", on_shard=written.append)
   assert written == [1, 2]
@@ -142,9 +145,10 @@ def test_a_directory_of_another_teacher_or_settings_is_refused(teacher, tmp):
     teacher_data.generate(config, t, mesh, tmp / "latents")
 
 
-def test_ladd_on_teacher_samples_resumes_bitwise(teacher, tmp):
+def test_ladd_on_teacher_samples_resumes_bitwise(teacher, tmp, monkeypatch):
   """4 steps, and 2 then resumed to 4, each run sampling into <workdir>/teacher_samples (the resumed run reuses
   its directory): equal losses and parameters, equal sample directories."""
+  monkeypatch.setattr(train_module, "peak_flops", lambda *_: 1.0)  # MFU's matmul timing: seconds per run here
   full, short = config_of(teacher, 4), config_of(teacher, 2)
   for c in (full, short):
     c.checkpoint_every_steps = 2
@@ -156,6 +160,46 @@ def test_ladd_on_teacher_samples_resumes_bitwise(teacher, tmp):
   pa, pb = checkpoint.flat_params(dit_jax.load(tmp / "full")), checkpoint.flat_params(dit_jax.load(tmp / "resumed"))
   assert all(np.array_equal(pa[k], pb[k]) for k in pa)
   assert files(tmp / "full" / "teacher_samples") == files(tmp / "resumed" / "teacher_samples")
+
+
+def test_mmdit_teacher_samples_on_class_tokens_and_text_rows(tmp):
+  """An MMDiT teacher: sample i on the class tokens of label i mod 10 (the loader adds them back from the label),
+  or on text row i (N must equal the rows); each equals the teacher's own sample."""
+  config = tiny_mmdit_config()
+  config.objective = "ladd"
+  model = dit_jax.MMDiT(kinds.get("mmdit").model_config(config), rngs=nnx.Rngs(0))
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  rng = np.random.default_rng(0)
+  params = nnx.from_flat_state({p: v.replace(jnp.asarray(0.1 * rng.standard_normal(v.shape), v.dtype))
+                                for p, v in nnx.to_flat_state(params)})
+  model = nnx.merge(graphdef, params, rest)
+  checkpoint.save(model, tmp / "teacher")
+  config.teacher.checkpoint = str(tmp / "teacher")
+  config.distill.teacher_data.update(num_samples=6, shard_size=4, batch_size=4)
+  config.distill.teacher_data.sample.update(steps=2, cfg_scale=2.0)
+  mesh = parallel.make_mesh((1, 1, 1), jax.devices()[:1])
+  t = Teacher.load(config, kinds.get("mmdit").model_config(config), mesh)
+  tokens = data.ClassTokens(10, 3, 16, 8, seed=0)
+  rows = {"context": rng.standard_normal((6, 3, 16)).astype(np.float32),
+          "pooled": rng.standard_normal((6, 8)).astype(np.float32)}
+  data.write_text_embedding_shards(tmp / "text", rows["context"], rows["pooled"], shard_size=4)
+  for conditioning, cond in (("class_tokens", tokens(np.arange(4))), ("text", {k: v[:4] for k, v in rows.items()})):
+    config.data.update(conditioning=conditioning, text_folder=str(tmp / "text"))
+    config.distill.teacher_data.dir = str(tmp / f"samples-{conditioning}")
+    d = teacher_data.training_data(config, tmp, t, mesh)
+    want = dit_jax.sample(model, cond, teacher_data.batch_key(0, 0), method="euler", steps=2, cfg_scale=2.0,
+                          noise=teacher_data.initial_noise(0, np.arange(4), (8, 8, 1)), shift=3.0)
+    got = LatentSource(tmp / f"samples-{conditioning}").shard(0)["mean"][:, 0]
+    err = float(np.abs(got - np.asarray(want)).max() / np.abs(np.asarray(want)).max())
+    assert err < 1e-6, f"{conditioning}: stored samples vs the teacher sampled directly: {err:.2e}"
+    d.shuffle = False
+    with data.make_loader(d, global_batch_size=2, seed=0, context_dim=16, pooled_dim=8) as loader:
+      batch = next(loader)
+    np.testing.assert_array_equal(batch["image"], got[:2])
+    np.testing.assert_array_equal(batch["context"], cond["context"][:2])
+  config.distill.teacher_data.update(num_samples=5, dir=str(tmp / "five"))
+  with pytest.raises(ValueError, match=r"num_samples 5 must equal the 6 rows of data.text_folder"):
+    teacher_data.training_data(config, tmp, t, mesh)
 
 
 @pytest.mark.parametrize("change,fragment", [
