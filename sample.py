@@ -171,7 +171,7 @@ def run(args: argparse.Namespace) -> str:
   return RUNNERS[kind.conditioning](args, out)
 
 
-DISTILLED_METHODS = {"meanflow": "meanflow", "guidance_distill": "euler"}  # training objective -> default method
+DISTILLED_METHODS = {"meanflow": "meanflow", "guidance_distill": "euler", "ladd": "few_step"}  # training objective -> default method
 
 
 def _objective(checkpoint: str) -> str | None:

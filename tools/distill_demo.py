@@ -3,7 +3,8 @@
 then each distilled student given, with the accuracy of tools/demo_quality.py's classifier on the requested digit,
 the Fréchet distance on its feature network (against the held-out real digits) and images per second.
 
-  python tools/distill_demo.py runs/demo --guidance runs/demo-guidance --meanflow runs/demo-meanflow
+  python tools/distill_demo.py runs/demo --guidance runs/demo-guidance --meanflow runs/demo-meanflow \
+      --ladd runs/demo-ladd
   python tools/distill_demo.py runs/demo --meanflow runs/demo-meanflow --target meanflow-1=0.90
 
 Prints a markdown table (and --json FILE); ``--target ROW=ACC`` exits 1 when that row's accuracy is below ACC.
@@ -33,6 +34,9 @@ def rows(args) -> list[tuple[str, str, str, dict]]:
   if args.meanflow:
     out += [(f"meanflow-{n}", args.meanflow, f"MeanFlow {n} step{'s' * (n > 1)}",
              dict(method="meanflow", steps=n, cfg_scale=1.0)) for n in (1, 2)]
+  if args.ladd:
+    out += [(f"ladd-{n}", args.ladd, f"few-step {n} step{'s' * (n > 1)}, no guidance",
+             dict(method="few_step", steps=n, cfg_scale=1.0)) for n in (1, 2, 4)]
   return out
 
 
@@ -41,6 +45,7 @@ def main(argv=None) -> int:
   p.add_argument("teacher", help="the demo teacher's workdir (configs/demo.py)")
   p.add_argument("--guidance", help="a guidance-distilled student (configs/distill_guidance_demo.py)")
   p.add_argument("--meanflow", help="a MeanFlow student (configs/meanflow_demo.py)")
+  p.add_argument("--ladd", help="a LADD student (configs/ladd_demo.py)")
   p.add_argument("--per-class", type=int, default=50)
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--json", default=None, help="also write the rows as JSON")

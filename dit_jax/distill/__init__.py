@@ -10,7 +10,8 @@ and their auxiliary networks (LADD discriminator heads).
 Each objective is ``loss(config, kind, student, teacher, batch, key) -> scalar``; :data:`OBJECTIVES` names them
 for ``config.objective``. An objective in :data:`AUXILIARY` also trains a second network with its own optimizer
 (LADD's discriminator): the Trainer takes both gradients from its ``grads`` and keeps that network's parameters
-and optimizer state in the TrainState.
+and optimizer state in the TrainState. Any objective may train on the teacher's own samples instead of the
+configured data (:mod:`.teacher_data`, LADD's setting), written once before the first step.
 """
 from dit_jax.distill.guidance import guidance_distillation_loss
 from dit_jax.distill.ladd_objective import LADD, ladd_loss

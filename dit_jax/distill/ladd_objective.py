@@ -12,7 +12,8 @@ One step (flow convention: sigma = t, 1 = noise; the model's own convention conv
     student:        g_loss(D(fake, t̂, c))                      gradients through the frozen teacher into x̂0
     discriminator:  d_loss(D(real), D(sg fake)) + r1_weight * approx_r1(D, real, r1_sigma)
 
-x0 are the loader's real latents (LADD trains on teacher samples, a variant this objective does not generate). D is
+x0 are the loader's latents: real data, or the teacher's samples with ``distill.teacher_data``
+(:mod:`dit_jax.distill.teacher_data`, LADD's setting). D is
 conditioned on t̂ and the class label (DiT) or the pooled text vector (MMDiT). The discriminator's optimizer is Adam
 with betas (d_b1, d_b2) = (0, 0.99) by default, StyleGAN2's and StyleGAN-T's discriminator Adam betas (not
 confirmed for LADD), a constant ``d_lr`` and the student's gradient clipping.
