@@ -77,7 +77,7 @@ def test_sigkill_then_resume_gives_identical_metrics(tmp, teacher, objective):
   finally:
     proc.kill()
     proc.wait()
-  assert proc.returncode == 0, stderr[-3000:]
+  assert proc.returncode == 0 and "SIGTERM: saving a checkpoint" in stderr, stderr[-3000:]
   assert checkpoint_steps(tmp / "full")[-1] == max(losses(tmp / "full")), (checkpoint_steps(tmp / "full"),
                                                                           stderr[-3000:])
 

@@ -2,7 +2,8 @@
 
   tests.helpers            REPO_ROOT, rel_err
   tests.helpers.reference  random-weight upstream models (diffusers DiT / SD3 MMDiT) and checkpoint key layouts
-  tests.helpers.training   tiny train configs, deterministic resumable toy loaders, metrics.jsonl losses
+  tests.helpers.training   tiny train configs, deterministic resumable toy loaders, metrics.jsonl losses and
+                           metrics, tiny train.py command lines and their workdirs (checkpoints, a logged step)
   tests.helpers.processes  subprocess runners (CLIs, scripts on N simulated devices), the strict CLI-error check
   tests.helpers.clip_reference   random-weight transformers CLIPTextModel(WithProjection), SD3-shaped ids, the
                                  OpenCLIP key layout written independently of dit_jax's tables
