@@ -14,7 +14,7 @@ def get_config():
   c.model.interval_embed = True
   c.teacher.checkpoint = "runs/demo"
   c.distill.meanflow.update(velocity="teacher", guidance=2.0)
-  c.total_steps = 800
+  c.total_steps = 400
   c.optimizer.update(lr=5e-4, warmup_steps=50, schedule="cosine", min_lr=1e-5)
   c.checkpoint_every_steps = 500
   c.sample_every_steps = 0
