@@ -36,7 +36,7 @@ from PIL import Image
 
 from dit_jax import data
 from dit_jax.cli import ArgumentParser, fail
-from dit_jax.data.latents import FORMAT, MANIFEST, shard_name
+from dit_jax.data.latents import FORMAT, MANIFEST, shard_name, write_atomic, write_manifest
 from dit_jax.data.sources import CorruptImage
 from dit_jax.data.transforms import center_crop_arr, to_channels
 from dit_jax.models.vae import AutoencoderKL, vae_config
@@ -90,20 +90,6 @@ def make_encoder(vae: AutoencoderKL, dtype, devices=None):
     return views(post.mean), views(post.std)
 
   return lambda crops: encode(params, jax.device_put(crops, batch_sharding)), len(devices)
-
-
-def write_atomic(path: pathlib.Path, write) -> None:
-  """``write(file)`` into a hidden temp file beside ``path``, fsync, then rename over ``path``."""
-  tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-  with open(tmp, "wb") as f:
-    write(f)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
-
-
-def write_manifest(out: pathlib.Path, manifest: dict) -> None:
-  write_atomic(out / MANIFEST, lambda f: f.write(json.dumps(manifest, indent=1).encode()))
 
 
 def encode_dataset(source, vae: AutoencoderKL, out: str | os.PathLike, *, image_size: int, batch_size: int = 64,

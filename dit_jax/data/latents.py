@@ -23,6 +23,7 @@ from __future__ import annotations
 import collections
 import json
 import mmap
+import os
 import pathlib
 import threading
 import zipfile
@@ -37,6 +38,21 @@ MANIFEST = "manifest.json"
 
 def shard_name(k: int) -> str:
   return f"shard_{k:05d}.npz"
+
+
+def write_atomic(path: pathlib.Path, write) -> None:
+  """``write(file)`` into a hidden temp file beside ``path``, fsync, then rename over ``path``."""
+  tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+  with open(tmp, "wb") as f:
+    write(f)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
+
+
+def write_manifest(root: pathlib.Path, manifest: dict) -> None:
+  """The manifest, written atomically (after the shards it names)."""
+  write_atomic(root / MANIFEST, lambda f: f.write((json.dumps(manifest, indent=1) + "\n").encode()))
 
 
 def read_manifest(root: str | pathlib.Path) -> dict:

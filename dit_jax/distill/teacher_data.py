@@ -47,7 +47,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
 from dit_jax import data, kinds
-from dit_jax.data.latents import FORMAT, MANIFEST, shard_name
+from dit_jax.data.latents import FORMAT, MANIFEST, shard_name, write_atomic, write_manifest
 from dit_jax.diffusion.samplers import sample
 
 logger = logging.getLogger("dit_jax")
@@ -179,19 +179,6 @@ def _savez(f, **arrays) -> None:
         np.lib.format.write_array(fid, np.ascontiguousarray(a))
 
 
-def _write_atomic(path: pathlib.Path, write: Callable) -> None:
-  tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-  with open(tmp, "wb") as f:
-    write(f)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
-
-
-def _write_manifest(out: pathlib.Path, manifest: dict) -> None:
-  _write_atomic(out / MANIFEST, lambda f: f.write((json.dumps(manifest, indent=1) + "\n").encode()))
-
-
 def _agree_on_done(out: pathlib.Path, want: dict) -> set[int]:
   """Process 0's finished shards, broadcast (every process samples the same shards); its error on every process."""
   status, error = np.zeros(want["num_shards"] + 1, np.int32), None
@@ -230,7 +217,7 @@ def generate(config: ml_collections.ConfigDict, teacher, mesh: jax.sharding.Mesh
   if is_main:
     for stray in out.glob(".*.tmp-*"):
       stray.unlink()
-    _write_manifest(out, manifest)
+    write_manifest(out, manifest)
   kind, model = kinds.get(config.model.kind), teacher.model()
   shape, per_shard = tuple(want["latent_shape"]), -(-size // batch)
   options = dict(method=g["method"], steps=g["steps"], cfg_scale=g["cfg_scale"], cfg_mode=g["cfg_mode"],
@@ -254,9 +241,9 @@ def generate(config: ml_collections.ConfigDict, teacher, mesh: jax.sharding.Mesh
       labels = np.arange(lo, hi) % want["num_classes"] if g["conditioning"]["kind"] != "text" else np.zeros(hi - lo)
       arrays = {"mean": np.stack([x0, x0[:, :, ::-1]], axis=1), "label": labels.astype(np.int64),
                 "index": np.arange(lo, hi, dtype=np.int64)}
-      _write_atomic(out / shard_name(k), functools.partial(_savez, **arrays))
+      write_atomic(out / shard_name(k), functools.partial(_savez, **arrays))
       manifest.update(shards_done=sorted(done), complete=len(done) == num_shards)
-      _write_manifest(out, manifest)
+      write_manifest(out, manifest)
     logger.info("teacher samples: shard %d written (%d/%d, %.1f samples/s)", k, len(done), num_shards,
                 sum(min(n, (j + 1) * size) - j * size for j in todo[:count]) / (time.perf_counter() - began))
     if on_shard is not None:
