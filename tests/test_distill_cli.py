@@ -11,7 +11,8 @@ import pytest
 
 from tests.helpers import REPO_ROOT
 from tests.helpers.processes import device_env
-from tests.helpers.training import checkpoint_steps, losses, step_metrics, tiny_train_cmd, wait_for_step
+from tests.helpers.training import (checkpoint_steps, losses, sigkill_mid_run, step_metrics, tiny_train_cmd,
+                                    wait_for_step)
 
 # A constant learning rate from step 1 (no warm-up from 0): every step moves the networks, and no step's metrics
 # depend on total_steps.
@@ -49,17 +50,7 @@ def test_sigkill_then_resume_gives_identical_metrics(tmp, teacher, objective):
     return tiny_train_cmd(config, workdir, *CONSTANT, "--config.optimizer.lr=1e-3",
                           "--config.checkpoint_every_steps=2", f"--config.teacher.checkpoint={teacher}", *flags, *extra)
 
-  proc = subprocess.Popen(cmd(tmp / "killed", NEVER_ENDS), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                          text=True, env=device_env(1), cwd=REPO_ROOT)
-  try:
-    wait_for_step(tmp / "killed", 3, proc, checkpoint=True)
-    proc.send_signal(signal.SIGKILL)
-  finally:
-    proc.kill()
-    proc.wait()
-  assert proc.returncode == -signal.SIGKILL, proc.returncode
-  killed_at, saved = max(losses(tmp / "killed")), checkpoint_steps(tmp / "killed")
-  assert 3 <= killed_at < 1000000 and saved and saved[-1] <= killed_at, (killed_at, saved)  # interrupted, mid-run
+  killed_at, saved = sigkill_mid_run(cmd(tmp / "killed", NEVER_ENDS), tmp / "killed", 3, device_env(1))
   print(f"{objective}: killed after step {killed_at}, resuming from the step-{saved[-1]} checkpoint")
   end = killed_at + 2
   result = subprocess.run(cmd(tmp / "killed", f"--config.total_steps={end}"), capture_output=True, text=True,

@@ -11,7 +11,7 @@ import pytest
 
 from tests.helpers import REPO_ROOT
 from tests.helpers.processes import device_env, one_line_error
-from tests.helpers.training import checkpoint_steps, losses, tiny_train_cmd, wait_for_step
+from tests.helpers.training import checkpoint_steps, losses, sigkill_mid_run, tiny_train_cmd, wait_for_step
 
 
 def _cmd(workdir, *extra):
@@ -23,17 +23,8 @@ def test_sigkill_then_resume_gives_identical_losses(tmp):
   after a finished checkpoint. A constant (warmup) learning rate makes every step's loss independent of
   total_steps, so the resumed run and the uninterrupted reference both stop a few steps past the kill."""
   constant = "--config.optimizer.schedule=constant"
-  proc = subprocess.Popen(_cmd(tmp / "killed", constant, "--config.total_steps=1000000"), stdout=subprocess.DEVNULL,
-                          stderr=subprocess.PIPE, text=True, env=device_env(1), cwd=REPO_ROOT)
-  try:
-    wait_for_step(tmp / "killed", 7, proc, checkpoint=True)
-    proc.send_signal(signal.SIGKILL)
-  finally:
-    proc.kill()
-    proc.wait()
-  assert proc.returncode == -signal.SIGKILL, proc.returncode
-  killed_at, saved = max(losses(tmp / "killed")), checkpoint_steps(tmp / "killed")
-  assert 7 <= killed_at < 1000000 and saved and saved[-1] <= killed_at, (killed_at, saved)  # interrupted, mid-run
+  killed_at, saved = sigkill_mid_run(_cmd(tmp / "killed", constant, "--config.total_steps=1000000"), tmp / "killed", 7,
+                                     device_env(1))
   print(f"killed after step {killed_at}, resuming from the step-{saved[-1]} checkpoint")
   steps = f"--config.total_steps={killed_at + 3}"
   result = subprocess.run(_cmd(tmp / "killed", constant, steps), capture_output=True, text=True, env=device_env(1),

@@ -112,6 +112,25 @@ def wait_for_step(workdir: pathlib.Path, step: int, proc, timeout: float = 300, 
   raise AssertionError(f"step {step} not reached in {timeout} s")
 
 
+def sigkill_mid_run(cmd: list[str], workdir: pathlib.Path, step: int, env: dict) -> tuple[int, list[int]]:
+  """Run the train.py command ``cmd`` (its total_steps far out of reach) until it has logged ``step`` and finished a
+  checkpoint, SIGKILL it, and return (last logged step, finished checkpoint steps), asserting it died mid-run."""
+  import signal
+  import subprocess
+
+  proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO_ROOT)
+  try:
+    wait_for_step(workdir, step, proc, checkpoint=True)
+    proc.send_signal(signal.SIGKILL)
+  finally:
+    proc.kill()
+    proc.wait()
+  assert proc.returncode == -signal.SIGKILL, proc.returncode
+  killed_at, saved = max(losses(workdir)), checkpoint_steps(workdir)
+  assert step <= killed_at < 1000000 and saved and saved[-1] <= killed_at, (killed_at, saved)  # interrupted, mid-run
+  return killed_at, saved
+
+
 def tiny_mmdit_config(steps: int = 6, batch: int = 8):
   """A 2-layer MMDiT (hidden 32, 2 heads, QK RMSNorm, MMDiT-X attention in layer 0) on 8x8x1 class tokens."""
   c = tiny_config("flow", steps, batch)
