@@ -67,7 +67,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                  "diffusers profile, default 256; FLUX: default 512; at most 512)")
   p.add_argument("--latent-size", default=None, help="MMDiT / FLUX: H,W in latent pixels (default: the sample size; "
                  "FLUX 128,128)")
-  p.add_argument("--preset", default=None, help="MMDiT / FLUX sampling preset: NAME[:FLAVOUR] in configs/sampling, "
+  p.add_argument("--preset", default=None, help="sampling preset: NAME[:FLAVOUR] in configs/sampling, "
                  "or a .py")
   p.add_argument("--guidance", type=float, default=None, help="the guidance input of a guidance-distilled model "
                  "(FLUX.1 [dev]: default 3.5; a guidance-distilled DiT: default --cfg-scale, sampled with one call "
@@ -183,7 +183,7 @@ def _objective(checkpoint: str) -> str | None:
 
 def run_labels(args: argparse.Namespace, out: pathlib.Path) -> str:
   """A class-conditional model (DiT): a grid of --class-labels, or --num-samples into a resumable .npz."""
-  given = [f"--{name.replace('_', '-')}" for name in MMDIT_FLAGS if getattr(args, name) is not None]
+  given = [f"--{name.replace('_', '-')}" for name in MMDIT_FLAGS if getattr(args, name) is not None and name != "preset"]
   if given:
     raise ValueError(f"{given[0]} is for MMDiT checkpoints; a DiT is sampled from --class-labels")
   import jax.numpy as jnp
@@ -203,13 +203,17 @@ def run_labels(args: argparse.Namespace, out: pathlib.Path) -> str:
   if labels is not None:
     from dit_jax.kinds.dit import check_labels
     check_labels(labels, model.config.num_classes)
-  cfg_scale = 4.0 if args.cfg_scale is None else args.cfg_scale
-  kw = dict(method=args.method or DISTILLED_METHODS.get(_objective(args.checkpoint), "ddpm"), steps=args.steps,
-            respacing=args.respacing, cfg_scale=cfg_scale, cfg_mode=args.cfg_mode, guidance_interval=interval,
-            eta=args.eta, shift=1.0 if args.shift is None else args.shift, flow_convention=args.flow_convention or "sit")
+  preset = _class_preset(args)
+  cfg_scale = next(v for v in (args.cfg_scale, preset.get("cfg_scale"), 4.0) if v is not None)
+  guidance = args.guidance if args.guidance is not None else preset.get("guidance")
+  kw = dict(method=args.method or preset.get("method") or DISTILLED_METHODS.get(_objective(args.checkpoint), "ddpm"),
+            steps=args.steps or preset.get("steps"), respacing=args.respacing, cfg_scale=cfg_scale,
+            cfg_mode=args.cfg_mode, guidance_interval=interval, eta=args.eta,
+            shift=next(v for v in (args.shift, preset.get("shift"), 1.0) if v is not None),
+            flow_convention=args.flow_convention or "sit")
   if getattr(model.config, "guidance_embed", False):  # guidance-distilled: the scale is an input, one call per step
-    kw.update(guidance=cfg_scale if args.guidance is None else args.guidance, cfg_scale=1.0)
-  elif args.guidance is not None:
+    kw.update(guidance=cfg_scale if guidance is None else guidance, cfg_scale=1.0)
+  elif guidance is not None:
     raise ValueError("--guidance is the input of a guidance-distilled model (or FLUX.1 [dev]); this DiT is guided "
                      "with --cfg-scale")
   out.parent.mkdir(parents=True, exist_ok=True)
@@ -221,6 +225,19 @@ def run_labels(args: argparse.Namespace, out: pathlib.Path) -> str:
   sample_files.sample_to_npz(model, out, args.num_samples, args.batch_size, args.seed, labels=labels, decode=decode,
                          keep_shards=args.keep_shards, **kw)
   return f"wrote {out} ({args.num_samples} samples)"
+
+
+def _class_preset(args: argparse.Namespace) -> dict:
+  """--preset for a DiT (e.g. digits_students:ladd): method, steps, cfg_scale, shift, guidance; {} without one. A
+  preset with skip-layer guidance or a FLUX schedule is for MMDiT / FLUX models."""
+  if not args.preset:
+    return {}
+  from dit_jax.presets import load_preset
+
+  preset = load_preset(args.preset)
+  if preset.skip_layer_guidance is not None or preset.schedule is not None:
+    raise ValueError(f"--preset {args.preset} is for MMDiT / FLUX models (skip-layer guidance or a FLUX schedule)")
+  return {k: preset[k] for k in ("method", "steps", "cfg_scale", "shift", "guidance")}
 
 
 def read_cond(path: str) -> tuple[dict, dict | None]:

@@ -11,6 +11,7 @@ import ml_collections
 
 from dit_jax.diffusion import flow
 from dit_jax.diffusion.guidance import SkipLayerGuidance
+from dit_jax.diffusion.samplers import FLOW_METHODS
 
 
 PRESET_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs" / "sampling"
@@ -55,7 +56,7 @@ def load_preset(name_or_path: str, flavour: str | None = None):
   unknown = sorted(set(config.keys()) - set(PRESET_KEYS) - set(OPTIONAL_KEYS) - {"flavour"})
   if missing or unknown:
     raise ValueError(f"sampling preset {path.name}: missing {missing or 'nothing'}, unknown keys {unknown or 'none'}")
-  if config.method not in flow.METHODS or not isinstance(config.steps, int) or config.steps <= 0 \
+  if config.method not in FLOW_METHODS or not isinstance(config.steps, int) or config.steps <= 0 \
       or (config.shift is not None and config.shift <= 0) or config.cfg_scale < 0 \
       or config.get("schedule") not in (None, *flow.FLUX_SCHEDULES) \
       or (config.get("guidance") is not None and config.guidance < 0):

@@ -24,7 +24,7 @@ from dit_jax.models.layers import unpatchify
 from dit_jax.train import train
 from dit_jax.train_config import validate
 from dit_jax.trainer import Trainer
-from tests.helpers.processes import run_on_devices
+from tests.helpers.processes import main_in_process, run_on_devices
 from tests.helpers.training import ToyLoader, ToyTextLoader, losses, tiny_config, tiny_mmdit_config
 
 
@@ -41,6 +41,15 @@ def student_config(teacher_dir, steps=4, objective="guidance_distill"):
     c.model.interval_embed = True
     c.distill.meanflow.update(velocity="teacher", guidance=2.0)
   return c
+
+
+def sample_cli(run, capsys, tmp, *flags) -> None:
+  """sample.py on a distilled workdir writes its grid: with no method (the objective's default) and per preset."""
+  for i, extra in enumerate([[], *[["--preset", f"digits_students:{f}"] for f in flags]]):
+    out = tmp / f"grid{i}.png"
+    code, err = main_in_process("sample.py", ["--checkpoint", run, "--class-labels", "0,1", "--out", out, *extra],
+                                capsys)
+    assert code == 0 and out.is_file(), (extra, err[-2000:])
 
 
 def resume_matches(config_of, tmp):
@@ -113,8 +122,9 @@ def test_loss_is_zero_for_the_teachers_cfg_combination(teacher):
   assert float(guidance_distillation_loss(config, Conditional(), student, model, batch, key)) > 0.0
 
 
-def test_training_resumes_bitwise_and_samples_with_guidance(teacher, tmp):
+def test_training_resumes_bitwise_and_samples_with_guidance(teacher, tmp, capsys):
   resume_matches(lambda steps: student_config(teacher, steps), tmp)
+  sample_cli(tmp / "full", capsys, tmp, "guidance")
   student = dit_jax.load(tmp / "full")
   assert student.config.guidance_embed and np.any(np.asarray(student.guidance_embedder.fc2.kernel[...]))
   labels = np.arange(4)
@@ -149,10 +159,11 @@ def test_teacher_of_another_shape_is_refused(teacher, tmp):
     train(config, tmp / "run", loader=ToyLoader(8))
 
 
-def test_meanflow_student_starts_as_the_teacher_and_samples_in_one_and_two_steps(teacher, tmp):
+def test_meanflow_student_starts_as_the_teacher_and_samples_in_one_and_two_steps(teacher, tmp, capsys):
   """Teacher velocity (CFG 2): resumes bitwise; before training the 1-step MeanFlow sample of a student made from
   the teacher equals the teacher's 1-step Euler sample (u = v when the interval input is silent)."""
   run = resume_matches(lambda steps: student_config(teacher, steps, "meanflow"), tmp)
+  sample_cli(run, capsys, tmp, "meanflow_2")
   student = dit_jax.load(run)
   assert student.config.interval_embed and np.any(np.asarray(student.interval_embedder.fc2.kernel[...]))
   labels, key = np.arange(4), jax.random.key(0)
@@ -231,8 +242,9 @@ def test_ladd_step_updates_the_student_and_the_discriminator(teacher):
   assert not changed(after, jax.device_get((state.params, state.aux_params)))
 
 
-def test_ladd_resumes_bitwise_and_samples_in_few_steps(teacher, tmp):
+def test_ladd_resumes_bitwise_and_samples_in_few_steps(teacher, tmp, capsys):
   run = resume_matches(lambda steps: student_config(teacher, steps, "ladd"), tmp)
+  sample_cli(run, capsys, tmp, "ladd_1")
   rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
   assert all(np.isfinite([r["g_loss"], r["d_loss"], r["r1"]]).all() for r in rows if "loss" in r)
   student = dit_jax.load(run)

@@ -115,6 +115,8 @@ def test_missing_checkpoint_is_one_line(tmp):
     (["--steps", "many"], "argument --steps: invalid int value: 'many'"),
     (["--flow-convention", "edm"], "argument --flow-convention: invalid choice: 'edm'"),
     (["--bogus"], "unrecognized arguments: --bogus"),
+    (["--preset", "flux_schnell"], "--preset flux_schnell is for MMDiT / FLUX models"),
+    (["--preset", "digits_students:fast"], "unknown preset flavour 'fast'"),
 ])
 def test_bad_flags_get_one_line_errors_and_keep_existing_outputs(ckpt, tmp, capsys, extra, fragment):
   """Argument and value errors (in process; the real process is covered above): one line, status 2, and an
